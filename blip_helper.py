@@ -1,0 +1,973 @@
+"""BLIP-Diffusion on OpenVINO: load the diffusers pipelines, convert them to OpenVINO IR, run them.
+
+The notebook ``blip-diffusion-subject-generation.ipynb`` explains and calls this module:
+
+    pipe = load_pipeline("Salesforce/blipdiffusion")                       # PyTorch, diffusers
+    cn_pipe = load_pipeline("Salesforce/blipdiffusion-controlnet", controlnet=True)
+    convert_pipeline(pipe, "ir/blipdiffusion", controlnet_pipe=cn_pipe)     # OpenVINO IR
+    ov_pipe = OVBlipDiffusionPipeline.from_pretrained("ir/blipdiffusion", device="CPU")
+    image = ov_pipe("on the beach", reference_image, "dog", "dog").images[0]
+
+An IR directory holds one folder per model part (``qformer``, ``text_encoder``, ``unet``,
+``vae_decoder``, ``controlnet``), each with ``openvino_model.xml/.bin`` and the ``config.json`` the
+runtime needs, beside the ``tokenizer``, ``scheduler`` and ``image_processor`` configs. Every folder
+is written under a temporary name and renamed when complete; ``pipeline_config.json`` is written
+last, so an interrupted conversion never looks finished.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import BatchEncoding, BertTokenizer, CLIPTokenizer
+
+try:  # newer diffusers releases keep BLIP-Diffusion under `pipelines.deprecated`
+    from diffusers.pipelines.deprecated.blip_diffusion import BlipDiffusionPipeline
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from diffusers.pipelines.deprecated.controlnet_blip_diffusion import BlipDiffusionControlNetPipeline
+except ImportError:
+    from diffusers.pipelines.blip_diffusion import BlipDiffusionPipeline
+    from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from diffusers.pipelines.controlnet.pipeline_controlnet_blip_diffusion import BlipDiffusionControlNetPipeline
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_CONTROLNET_MODEL",
+    "ModelNotAvailableError",
+    "load_pipeline",
+    "convert_pipeline",
+    "convert_qformer",
+    "convert_text_encoder",
+    "convert_unet",
+    "convert_vae_decoder",
+    "convert_controlnet",
+    "ir_sizes",
+    "OVBlipDiffusionPipeline",
+    "to_rgb",
+]
+
+DEFAULT_MODEL = "Salesforce/blipdiffusion"
+DEFAULT_CONTROLNET_MODEL = "Salesforce/blipdiffusion-controlnet"
+
+MODEL_FILE = "openvino_model.xml"
+PIPELINE_CONFIG = "pipeline_config.json"
+PART_NAMES = ("qformer", "text_encoder", "unet", "vae_decoder", "controlnet")
+REQUIRED_PARTS = PART_NAMES[:-1]
+ASSET_NAMES = ("tokenizer", "scheduler", "image_processor")
+
+
+class ModelNotAvailableError(OSError):
+    """The model is neither a local directory nor reachable on the Hugging Face hub."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the PyTorch pipelines
+# --------------------------------------------------------------------------------------------------
+
+_COMPONENT_CLASSES = {
+    "tokenizer": CLIPTokenizer,
+    "text_encoder": ContextCLIPTextModel,
+    "vae": AutoencoderKL,
+    "unet": UNet2DConditionModel,
+    "scheduler": PNDMScheduler,
+    "qformer": Blip2QFormerModel,
+    "image_processor": BlipImageProcessor,
+    "controlnet": ControlNetModel,
+}
+
+
+def _not_available(model: str, reason: object) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"Could not load the model {model!r}: {reason}. Either allow access to the Hugging Face hub, or "
+        f"download it where you can (`huggingface-cli download {model} --local-dir DIR`) and pass that local "
+        "directory instead of the hub id (in the notebook: set BLIP_DIFFUSION_MODEL / "
+        "BLIP_DIFFUSION_CONTROLNET_MODEL to it)."
+    )
+
+
+def _resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local directory as it is; a hub id downloaded (or taken from the cache) with huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise _not_available(name, "it is not a directory, nor a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name))
+    except Exception as err:  # offline, unknown repo, gated repo, ...: all end the same for the user
+        raise _not_available(name, f"{type(err).__name__}: {err}") from err
+
+
+def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, controlnet: bool = False):
+    """Load the diffusers BLIP-Diffusion pipeline in eval mode, from a hub id or a local directory.
+
+    Args:
+        model: a hub id (``Salesforce/blipdiffusion``, ``Salesforce/blipdiffusion-controlnet``) or a
+            directory holding such a pipeline (the hub's layout or what ``save_pretrained`` writes).
+        controlnet: load ``BlipDiffusionControlNetPipeline`` (the directory must have a ``controlnet``).
+
+    The components are loaded one by one from the folders ``model_index.json`` names, which works
+    whatever library name the index records for them (``blip_diffusion`` on the hub).
+
+    Raises:
+        ModelNotAvailableError: the model is neither a local directory nor downloadable.
+        ValueError: ``controlnet=True`` for a pipeline without a ControlNet.
+    """
+    model_dir = _resolve_model_dir(model)
+    index_file = model_dir / "model_index.json"
+    if not index_file.is_file():
+        raise _not_available(str(model), f"{index_file} is missing, so this is not a diffusers pipeline")
+    index = json.loads(index_file.read_text())
+    pipeline_class = BlipDiffusionControlNetPipeline if controlnet else BlipDiffusionPipeline
+    names = ["tokenizer", "text_encoder", "vae", "unet", "scheduler", "qformer", "image_processor"]
+    if controlnet:
+        if "controlnet" not in index:
+            raise ValueError(
+                f"controlnet=True, but {model} has no ControlNet (its model_index.json lists {sorted(index)}); "
+                f"use a BLIP-Diffusion ControlNet pipeline such as {DEFAULT_CONTROLNET_MODEL!r}."
+            )
+        names.append("controlnet")
+    components = {}
+    for name in names:
+        try:
+            components[name] = _COMPONENT_CLASSES[name].from_pretrained(model_dir / name)
+        except OSError as err:
+            # The Q-Former also loads a BERT tokenizer named in its config (bert-base-uncased by default).
+            raise _not_available(str(model), f"loading its {name!r} failed ({err})") from err
+    pipe = pipeline_class(
+        **components,
+        ctx_begin_pos=index.get("ctx_begin_pos", 2),
+        mean=index.get("mean"),
+        std=index.get("std"),
+    )
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion to OpenVINO IR
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_dir(target: Path, overwrite: bool = True):
+    """Yield a temporary folder that becomes ``target`` only if the block completes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _part_complete(part_dir: Path) -> bool:
+    return all((part_dir / name).is_file() for name in (MODEL_FILE, "openvino_model.bin", "config.json"))
+
+
+def _save_ir(
+    module: torch.nn.Module,
+    example_input: dict[str, Any],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    config: dict,
+    part_dir: Path,
+    weight_format: str,
+    save_assets=None,
+) -> None:
+    """Trace ``module``, name its inputs and outputs, and save IR + config.json atomically."""
+    with torch.no_grad():
+        ov_model = ov.convert_model(module, example_input=example_input)
+    for port, name in zip(ov_model.inputs, input_names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(ov_model.outputs, output_names, strict=True):
+        port.get_tensor().set_names({name})
+    with _atomic_dir(part_dir) as tmp:
+        ov.save_model(ov_model, tmp / MODEL_FILE, compress_to_fp16=weight_format == "fp16")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if save_assets is not None:
+            save_assets(tmp)
+    del ov_model
+    gc.collect()
+
+
+class _QFormerForExport(torch.nn.Module):
+    """The Q-Former with tokenisation moved out of the graph (token ids become model inputs)."""
+
+    class _Pretokenized:
+        # Stands in for the Q-Former's BERT tokenizer while tracing, so diffusers' own forward runs unchanged.
+        def __init__(self, input_ids, attention_mask):
+            self.encoding = BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+
+        def __call__(self, *args, **kwargs):
+            return self.encoding
+
+    def __init__(self, qformer: Blip2QFormerModel):
+        super().__init__()
+        self.qformer = qformer
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        tokenizer = self.qformer.tokenizer
+        self.qformer.tokenizer = self._Pretokenized(input_ids, attention_mask)
+        try:
+            return self.qformer(text_input=None, image_input=pixel_values, return_dict=False)
+        finally:
+            self.qformer.tokenizer = tokenizer
+
+
+class _TextEncoderForExport(torch.nn.Module):
+    """ContextCLIPTextModel that accepts any batch and a context of any length, including none.
+
+    diffusers inserts the subject embeddings with a Python loop over the batch, which tracing would
+    freeze to one batch size. Here they go in with one concat at ``ctx_begin_pos``; a context of length
+    0 gives the plain CLIP encoding used for the negative prompt, so one IR serves both.
+    """
+
+    def __init__(self, text_encoder: ContextCLIPTextModel, ctx_begin_pos: int):
+        super().__init__()
+        self.text_model = text_encoder.text_model
+        self.ctx_begin_pos = ctx_begin_pos
+        max_len = self.text_model.config.max_position_embeddings
+        mask = torch.full((max_len, max_len), torch.finfo(torch.float32).min).triu(1)
+        self.register_buffer("causal_mask", mask[None, None], persistent=False)
+
+    def forward(self, input_ids, ctx_embeddings):
+        embeddings = self.text_model.embeddings
+        tokens = embeddings.token_embedding(input_ids)
+        pos = self.ctx_begin_pos
+        hidden = torch.cat([tokens[:, :pos], ctx_embeddings, tokens[:, pos:]], dim=1)
+        seq_len = hidden.shape[1]
+        hidden = hidden + embeddings.position_embedding.weight[:seq_len]
+        causal_mask = self.causal_mask[:, :, :seq_len, :seq_len]
+        hidden = self.text_model.encoder(
+            inputs_embeds=hidden, causal_attention_mask=causal_mask, return_dict=False
+        )[0]
+        return self.text_model.final_layer_norm(hidden)
+
+
+def _controlnet_residual_specs(unet_config) -> list[tuple[int, int]]:
+    """(channels, downscale) of each ControlNet residual the UNet accepts: conv_in, then each down block."""
+    specs = [(unet_config.block_out_channels[0], 1)]
+    scale = 1
+    for i, channels in enumerate(unet_config.block_out_channels):
+        specs += [(channels, scale)] * unet_config.layers_per_block
+        if i < len(unet_config.block_out_channels) - 1:
+            scale *= 2
+            specs.append((channels, scale))
+    specs.append((unet_config.block_out_channels[-1], scale))  # the mid block
+    return specs
+
+
+def _residual_names(count: int) -> list[str]:
+    return [f"down_block_res_{i}" for i in range(count - 1)] + ["mid_block_res"]
+
+
+class _UNetForExport(torch.nn.Module):
+    """The UNet with the ControlNet residuals as inputs: zeros for plain generation, so one IR serves both."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class _ControlNetForExport(torch.nn.Module):
+    def __init__(self, controlnet: ControlNetModel):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond, return_dict=False
+        )
+        return (*down, mid)
+
+
+class _VaeDecoderForExport(torch.nn.Module):
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def _latent_scale_factor(unet_config) -> int:
+    # diffusers' BLIP-Diffusion derives the latent size from the UNet's depth (8 for SD 1.5).
+    return 2 ** (len(unet_config.block_out_channels) - 1)
+
+
+def _example_latent_size(unet_config) -> int:
+    # Not a multiple of the UNet's overall up-sampling factor: the traced graph then passes explicit
+    # up-sampling sizes, so the IR accepts every latent size (every image size that is a multiple of 8).
+    return 2 ** len(unet_config.block_out_channels) + 1
+
+
+def _text_hidden(pipe) -> tuple[int, int]:
+    config = pipe.text_encoder.text_model.config
+    return config.max_position_embeddings, config.hidden_size
+
+
+def convert_qformer(pipe, output_dir, weight_format: str = "fp16") -> Path:
+    """Q-Former + vision encoder + projection: (pixel_values, input_ids, attention_mask) -> query_embeds."""
+    part_dir = Path(output_dir) / "qformer"
+    qformer = pipe.qformer
+    size = pipe.image_processor.size
+    tokens = qformer.tokenizer(["dog", "teddy bear"], return_tensors="pt", padding=True)
+    example = {
+        "pixel_values": torch.randn(1, 3, size["height"], size["width"]),
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+    }
+    config = {
+        "num_query_tokens": qformer.config.num_query_tokens,
+        "hidden_size": qformer.config.qformer_config.hidden_size,
+        "image_size": size,
+    }
+    _save_ir(
+        _QFormerForExport(qformer),
+        example,
+        ["pixel_values", "input_ids", "attention_mask"],
+        ["query_embeds"],
+        config,
+        part_dir,
+        weight_format,
+        save_assets=lambda tmp: qformer.tokenizer.save_pretrained(tmp / "tokenizer"),
+    )
+    return part_dir
+
+
+def convert_text_encoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
+    """Context-aware CLIP text encoder: (input_ids, ctx_embeddings) -> last_hidden_state."""
+    part_dir = Path(output_dir) / "text_encoder"
+    max_len, hidden = _text_hidden(pipe)
+    num_query = pipe.qformer.config.num_query_tokens
+    example = {
+        "input_ids": torch.randint(0, pipe.tokenizer.vocab_size, (2, max_len - num_query)),
+        "ctx_embeddings": torch.randn(2, num_query, hidden),
+    }
+    config = {
+        "max_position_embeddings": max_len,
+        "hidden_size": hidden,
+        "ctx_begin_pos": pipe.config.ctx_begin_pos,
+    }
+    _save_ir(
+        _TextEncoderForExport(pipe.text_encoder, pipe.config.ctx_begin_pos),
+        example,
+        ["input_ids", "ctx_embeddings"],
+        ["last_hidden_state"],
+        config,
+        part_dir,
+        weight_format,
+    )
+    return part_dir
+
+
+def _denoiser_example(pipe, unet_config) -> dict[str, torch.Tensor]:
+    max_len, hidden = _text_hidden(pipe)
+    size = _example_latent_size(unet_config)
+    return {
+        "sample": torch.randn(2, unet_config.in_channels, size, size),
+        "timestep": torch.tensor([981]),
+        "encoder_hidden_states": torch.randn(2, max_len, hidden),
+    }
+
+
+def convert_unet(pipe, output_dir, weight_format: str = "fp16") -> Path:
+    """UNet with ControlNet residual inputs: one IR for plain and ControlNet generation."""
+    part_dir = Path(output_dir) / "unet"
+    unet_config = pipe.unet.config
+    example = _denoiser_example(pipe, unet_config)
+    specs = _controlnet_residual_specs(unet_config)
+    size = example["sample"].shape[-1]
+    residuals = [torch.zeros(2, channels, math.ceil(size / scale), math.ceil(size / scale)) for channels, scale in specs]
+    config = {
+        "in_channels": unet_config.in_channels,
+        "latent_scale_factor": _latent_scale_factor(unet_config),
+        "controlnet_residuals": specs,
+    }
+    _save_ir(
+        _UNetForExport(pipe.unet),
+        (*example.values(), *residuals),
+        [*example, *_residual_names(len(specs))],
+        ["noise_pred"],
+        config,
+        part_dir,
+        weight_format,
+    )
+    return part_dir
+
+
+def convert_controlnet(controlnet_pipe, output_dir, weight_format: str = "fp16") -> Path:
+    """ControlNet: (sample, timestep, encoder_hidden_states, controlnet_cond) -> the UNet's residual inputs."""
+    part_dir = Path(output_dir) / "controlnet"
+    unet_config = controlnet_pipe.unet.config
+    example = _denoiser_example(controlnet_pipe, unet_config)
+    image_size = example["sample"].shape[-1] * _latent_scale_factor(unet_config)
+    example["controlnet_cond"] = torch.rand(2, 3, image_size, image_size)
+    count = len(_controlnet_residual_specs(unet_config))
+    _save_ir(
+        _ControlNetForExport(controlnet_pipe.controlnet),
+        example,
+        list(example),
+        _residual_names(count),
+        {"conditioning_channels": controlnet_pipe.controlnet.config.conditioning_channels},
+        part_dir,
+        weight_format,
+    )
+    return part_dir
+
+
+def convert_vae_decoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
+    """VAE decoder: latent_sample (already divided by the scaling factor) -> sample in [-1, 1]."""
+    part_dir = Path(output_dir) / "vae_decoder"
+    vae_config = pipe.vae.config
+    example = {"latent_sample": torch.randn(1, vae_config.latent_channels, 9, 9)}
+    config = {"latent_channels": vae_config.latent_channels, "scaling_factor": vae_config.scaling_factor}
+    _save_ir(
+        _VaeDecoderForExport(pipe.vae), example, ["latent_sample"], ["sample"], config, part_dir, weight_format
+    )
+    return part_dir
+
+
+def _save_assets(pipe, output_dir: Path) -> None:
+    savers = {
+        "tokenizer": pipe.tokenizer.save_pretrained,
+        "scheduler": pipe.scheduler.save_pretrained,
+        "image_processor": pipe.image_processor.save_pretrained,
+    }
+    for name, save in savers.items():
+        if not (output_dir / name).is_dir():
+            with _atomic_dir(output_dir / name) as tmp:
+                save(tmp)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    if a is b:
+        return True
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def convert_pipeline(
+    pipe,
+    output_dir: str | os.PathLike,
+    controlnet_pipe=None,
+    weight_format: str = "fp16",
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Convert a BLIP-Diffusion pipeline (and optionally its ControlNet) to an OpenVINO IR directory.
+
+    Args:
+        pipe: a ``BlipDiffusionPipeline`` from :func:`load_pipeline`.
+        output_dir: where the IR directory goes.
+        controlnet_pipe: a ``BlipDiffusionControlNetPipeline``; only its ControlNet is converted, since
+            one UNet IR serves both kinds of generation.
+        weight_format: ``"fp16"`` (half the size, the default) or ``"fp32"`` (bit-exact weights).
+        overwrite: convert again parts that are already there (by default they are skipped).
+
+    Returns:
+        The size on disk of each part, in bytes (see :func:`ir_sizes`).
+    """
+    if weight_format not in ("fp16", "fp32"):
+        raise ValueError(f"weight_format must be 'fp16' or 'fp32', got {weight_format!r}")
+    if not isinstance(pipe, BlipDiffusionPipeline):
+        raise ValueError(f"pipe must be a BlipDiffusionPipeline (see load_pipeline), got {type(pipe).__name__}")
+    if controlnet_pipe is not None and not isinstance(controlnet_pipe, BlipDiffusionControlNetPipeline):
+        raise ValueError(
+            "controlnet_pipe must be a BlipDiffusionControlNetPipeline (load_pipeline(..., controlnet=True)), "
+            f"got {type(controlnet_pipe).__name__}"
+        )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and (output_dir / PIPELINE_CONFIG).exists():
+        (output_dir / PIPELINE_CONFIG).unlink()
+    converters = {
+        "qformer": lambda: convert_qformer(pipe, output_dir, weight_format),
+        "text_encoder": lambda: convert_text_encoder(pipe, output_dir, weight_format),
+        "unet": lambda: convert_unet(pipe, output_dir, weight_format),
+        "vae_decoder": lambda: convert_vae_decoder(pipe, output_dir, weight_format),
+    }
+    if controlnet_pipe is not None:
+        if not _same_weights(pipe.unet, controlnet_pipe.unet):
+            import warnings
+
+            warnings.warn(
+                "The ControlNet pipeline's UNet differs from the base pipeline's; the OpenVINO pipeline uses the "
+                "base UNet for both kinds of generation.",
+                stacklevel=2,
+            )
+        converters["controlnet"] = lambda: convert_controlnet(controlnet_pipe, output_dir, weight_format)
+    for name, convert in tqdm(converters.items(), desc="Converting to OpenVINO IR"):
+        if overwrite or not _part_complete(output_dir / name):
+            convert()
+    _save_assets(pipe, output_dir)
+    parts = [name for name in PART_NAMES if _part_complete(output_dir / name)]
+    _write_json_atomic(
+        output_dir / PIPELINE_CONFIG,
+        {
+            "parts": parts,
+            "ctx_begin_pos": pipe.config.ctx_begin_pos,
+            "mean": list(pipe.config.mean) if pipe.config.mean is not None else None,
+            "std": list(pipe.config.std) if pipe.config.std is not None else None,
+            "weight_format": weight_format,
+        },
+    )
+    return ir_sizes(output_dir)
+
+
+def ir_sizes(ir_dir: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk of each model part (and ``total``) of an IR directory."""
+    ir_dir = Path(ir_dir)
+    sizes = {}
+    for name in PART_NAMES:
+        if (ir_dir / name).is_dir():
+            sizes[name] = sum(f.stat().st_size for f in (ir_dir / name).rglob("*") if f.is_file())
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenVINO runtime
+# --------------------------------------------------------------------------------------------------
+
+_VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def _check_device(core: ov.Core, device: str) -> None:
+    available = core.available_devices
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a non-empty string, one of {available + ['AUTO']}; got {device!r}")
+    name = device.split(":")[0].upper()
+    if name in _VIRTUAL_DEVICES:
+        return
+    if device not in available and not any(d.split(".")[0] == device for d in available):
+        raise ValueError(f"device {device!r} is not available here; available devices: {available + ['AUTO']}")
+
+
+class OVModelPart:
+    """One converted model part: named numpy inputs in, named numpy outputs out.
+
+    With ``static_shapes`` the model is reshaped to the shapes of the inputs it gets and compiled for
+    them; the compiled model is reused while the shapes stay the same, so each image size costs one
+    compilation (fast with the model cache).
+    """
+
+    def __init__(self, core: ov.Core, part_dir: Path, device: str, ov_config: dict, static_shapes: bool):
+        self.config = json.loads((part_dir / "config.json").read_text())
+        self.model = core.read_model(part_dir / MODEL_FILE)
+        self.input_names = [port.get_any_name() for port in self.model.inputs]
+        self.output_names = [port.get_any_name() for port in self.model.outputs]
+        self._core, self._device, self._ov_config = core, device, ov_config
+        self._static_shapes = static_shapes
+        self._compiled_shapes = None
+        self._request = None
+
+    def compile(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        if shapes is not None:
+            self.model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        compiled = self._core.compile_model(self.model, self._device, self._ov_config)
+        self._request = compiled.create_infer_request()
+        self._compiled_shapes = shapes
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        shapes = {name: tuple(value.shape) for name, value in inputs.items()} if self._static_shapes else None
+        if self._request is None or shapes != self._compiled_shapes:
+            self._request = None  # free the previous compilation before making the next
+            self.compile(shapes)
+        self._request.infer(inputs, share_inputs=True)
+        # Copies: the request's output tensors are overwritten by the next call.
+        return {name: self._request.get_tensor(name).data.copy() for name in self.output_names}
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An RGB copy of an image in any PIL mode; 16-bit and float images are scaled to 8 bits first.
+
+    Transparent images are composited on white, as diffusers' image processor does.
+    """
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max()
+        image = PIL.Image.fromarray((values * (255.0 / peak) if peak > 0 else values).clip(0, 255).astype(np.uint8))
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _image_list(value, name: str, allow_none: bool = False) -> list[PIL.Image.Image] | None:
+    if value is None and allow_none:
+        return None
+    images = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not images or not all(isinstance(image, PIL.Image.Image) for image in images):
+        raise ValueError(
+            f"{name} must be a PIL.Image.Image or a non-empty list of them; got {type(value).__name__}"
+            + ("" if value is not None else " (no image given)")
+        )
+    return [to_rgb(image) for image in images]
+
+
+def _text_list(value, name: str, batch_size: int | None) -> list[str]:
+    texts = [value] * (batch_size or 1) if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings; got {value!r}")
+    if batch_size is not None and len(texts) != batch_size:
+        raise ValueError(f"{name} has {len(texts)} entries but there are {batch_size} prompts; give one per prompt")
+    return list(texts)
+
+
+class OVBlipDiffusionPipeline:
+    """BLIP-Diffusion (zero-shot subject-driven generation, optionally ControlNet-guided) on OpenVINO.
+
+    Construct with :meth:`from_pretrained` from an IR directory written by :func:`convert_pipeline`;
+    it needs no PyTorch model and no network. Call it like diffusers' ``BlipDiffusionPipeline``.
+    """
+
+    def __init__(self, ir_dir: str | os.PathLike, device: str = "CPU", ov_config: dict | None = None):
+        ir_dir = Path(ir_dir)
+        self.ir_dir = ir_dir
+        self.config = self._read_pipeline_config(ir_dir)
+        self.core = ov.Core()
+        _check_device(self.core, device)
+        self.device = device
+        self.ov_config = {"CACHE_DIR": str(ir_dir / "model_cache"), **(ov_config or {})}
+        self.tokenizer = CLIPTokenizer.from_pretrained(ir_dir / "tokenizer")
+        self.qformer_tokenizer = BertTokenizer.from_pretrained(ir_dir / "qformer" / "tokenizer")
+        self.image_processor = BlipImageProcessor.from_pretrained(ir_dir / "image_processor")
+        self.scheduler = PNDMScheduler.from_pretrained(ir_dir / "scheduler")
+        parts = self.config["parts"]
+
+        def part(name: str, static: bool) -> OVModelPart | None:
+            if name not in parts:
+                return None
+            return OVModelPart(self.core, ir_dir / name, device, self.ov_config, static_shapes=static)
+
+        # The encoders run once per image with varying text lengths: dynamic shapes. The denoisers and
+        # the decoder run with one shape per image size: static shapes, compiled per size.
+        self.qformer = part("qformer", static=False)
+        self.text_encoder = part("text_encoder", static=False)
+        self.unet = part("unet", static=True)
+        self.vae_decoder = part("vae_decoder", static=True)
+        self.controlnet = part("controlnet", static=True)
+        self._negative_embeddings: dict[str, np.ndarray] = {}
+        self._progress_bar_config: dict = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, ir_dir: str | os.PathLike, device: str = "CPU", ov_config: dict | None = None
+    ) -> OVBlipDiffusionPipeline:
+        """Load an IR directory. ``ov_config`` goes to ``compile_model`` (e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}``);
+        the model cache defaults to ``IR_DIR/model_cache`` (pass ``{"CACHE_DIR": ""}`` to disable it)."""
+        return cls(ir_dir, device=device, ov_config=ov_config)
+
+    @staticmethod
+    def _read_pipeline_config(ir_dir: Path) -> dict:
+        if not ir_dir.is_dir():
+            raise FileNotFoundError(f"No IR directory at {ir_dir}: run convert_pipeline(pipe, {str(ir_dir)!r}) first")
+        config_file = ir_dir / PIPELINE_CONFIG
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"The IR directory {ir_dir} is incomplete: {PIPELINE_CONFIG} is missing (conversion interrupted?). "
+                "Run convert_pipeline again; it keeps the parts already converted."
+            )
+        config = json.loads(config_file.read_text())
+        missing = [name for name in config.get("parts", []) if not _part_complete(ir_dir / name)]
+        missing += [name for name in REQUIRED_PARTS if name not in config.get("parts", [])]
+        missing += [name for name in ASSET_NAMES if not (ir_dir / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"The IR directory {ir_dir} is incomplete: missing {', '.join(sorted(set(missing)))}. "
+                "Run convert_pipeline again."
+            )
+        return config
+
+    # -- diffusers-style conveniences ------------------------------------------------------------
+
+    @property
+    def has_controlnet(self) -> bool:
+        return self.controlnet is not None
+
+    @property
+    def latent_scale_factor(self) -> int:
+        return self.unet.config["latent_scale_factor"]
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm progress bar over the denoising steps (e.g. ``disable=True``)."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable):
+        return tqdm(iterable, **self._progress_bar_config)
+
+    # -- the steps of a generation ---------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        reference_image,
+        source_subject_category,
+        target_subject_category,
+        conditioning_image,
+        latents,
+        guidance_scale,
+        height,
+        width,
+        num_inference_steps,
+        generator,
+        neg_prompt,
+        prompt_strength,
+        prompt_reps,
+        output_type,
+    ):
+        """Validate the arguments of :meth:`__call__`; return the prompts, categories and images as lists."""
+        prompts = _text_list(prompt, "prompt", None)
+        batch_size = len(prompts)
+        sources = _text_list(source_subject_category, "source_subject_category", batch_size)
+        targets = _text_list(target_subject_category, "target_subject_category", batch_size)
+        for name, texts in (("source_subject_category", sources), ("target_subject_category", targets)):
+            if any(not text.strip() for text in texts):
+                raise ValueError(f"{name} must name the subject (e.g. 'dog'); got an empty category")
+        references = _image_list(reference_image, "reference_image")
+        if len(references) not in (1, batch_size):
+            raise ValueError(f"reference_image: give one image or one per prompt ({batch_size}), got {len(references)}")
+        conditions = _image_list(conditioning_image, "conditioning_image", allow_none=True)
+        if conditions is not None:
+            if not self.has_controlnet:
+                raise ValueError(
+                    f"conditioning_image was given, but the IR directory {self.ir_dir} has no ControlNet; convert one "
+                    "with convert_pipeline(pipe, ir_dir, controlnet_pipe=...)"
+                )
+            if len(conditions) not in (1, batch_size):
+                raise ValueError(
+                    f"conditioning_image: give one image or one per prompt ({batch_size}), got {len(conditions)}"
+                )
+        step = 8
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % step:
+                raise ValueError(f"{name} must be a positive multiple of {step}, got {value!r}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale must be a number >= 0 (<= 1 disables classifier-free guidance), got {guidance_scale!r}"
+            )
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if not isinstance(neg_prompt, str):
+            raise ValueError(f"neg_prompt must be a string, got {type(neg_prompt).__name__}")
+        if not isinstance(prompt_reps, int) or prompt_reps < 1:
+            raise ValueError(f"prompt_reps must be an integer >= 1, got {prompt_reps!r}")
+        if not isinstance(prompt_strength, (int, float)) or not prompt_strength * prompt_reps >= 1:
+            raise ValueError(
+                f"prompt_strength * prompt_reps must be >= 1 (the prompt is repeated that many times); "
+                f"got {prompt_strength!r} * {prompt_reps}"
+            )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: a list must hold one generator per prompt ({batch_size}), got {len(generator)}")
+        if latents is not None:
+            scale = self.latent_scale_factor
+            expected = (batch_size, self.unet.config["in_channels"], height // scale, width // scale)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected} for this batch and size, got {tuple(latents.shape)}")
+        return prompts, sources, targets, references, conditions
+
+    def encode_subject(self, reference_images: list[PIL.Image.Image], source_categories: list[str]) -> np.ndarray:
+        """Q-Former: the subject's multimodal embedding, [batch, num_query_tokens, hidden]."""
+        pixel_values = self.image_processor.preprocess(
+            reference_images, image_mean=self.config["mean"], image_std=self.config["std"], return_tensors="np"
+        )["pixel_values"]
+        tokens = self.qformer_tokenizer(source_categories, return_tensors="np", padding=True)
+        return self.qformer(
+            pixel_values=pixel_values.astype(np.float32),
+            input_ids=tokens.input_ids.astype(np.int64),
+            attention_mask=tokens.attention_mask.astype(np.int64),
+        )["query_embeds"]
+
+    @staticmethod
+    def build_prompt(prompts: list[str], targets: list[str], prompt_strength: float, prompt_reps: int) -> list[str]:
+        """diffusers' prompt amplification: 'a {target} {prompt}' repeated strength * reps times."""
+        return [", ".join([f"a {target} {prompt.strip()}"] * int(prompt_strength * prompt_reps)) for prompt, target in zip(prompts, targets)]
+
+    def encode_prompt(self, query_embeds: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """Text encoder with the subject embedding inserted at ``ctx_begin_pos``."""
+        max_len = self.text_encoder.config["max_position_embeddings"] - query_embeds.shape[1]
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+        return self.text_encoder(input_ids=tokens.input_ids.astype(np.int64), ctx_embeddings=query_embeds)["last_hidden_state"]
+
+    def encode_negative_prompt(self, neg_prompt: str) -> np.ndarray:
+        """The unconditional embedding [1, max_len, hidden]: the same IR with an empty context, cached per text."""
+        if neg_prompt not in self._negative_embeddings:
+            config = self.text_encoder.config
+            tokens = self.tokenizer([neg_prompt], padding="max_length", max_length=config["max_position_embeddings"], return_tensors="np")
+            empty_context = np.zeros((1, 0, config["hidden_size"]), dtype=np.float32)
+            self._negative_embeddings[neg_prompt] = self.text_encoder(
+                input_ids=tokens.input_ids.astype(np.int64), ctx_embeddings=empty_context
+            )["last_hidden_state"]
+        return self._negative_embeddings[neg_prompt]
+
+    def prepare_control_image(self, images: list[PIL.Image.Image], height: int, width: int, batch_size: int, cfg: bool) -> np.ndarray:
+        control = self.image_processor.preprocess(
+            images,
+            size={"width": width, "height": height},
+            do_rescale=True,
+            do_center_crop=False,
+            do_normalize=False,
+            return_tensors="np",
+        )["pixel_values"].astype(np.float32)
+        if control.shape[0] == 1:
+            control = np.repeat(control, batch_size, axis=0)
+        return np.concatenate([control] * 2) if cfg else control
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        scaling_factor = self.vae_decoder.config["scaling_factor"]
+        sample = self.vae_decoder(latent_sample=(latents / scaling_factor).numpy())["sample"]
+        return self.image_processor.postprocess(torch.from_numpy(sample), output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        reference_image: PIL.Image.Image | list[PIL.Image.Image],
+        source_subject_category: str | list[str],
+        target_subject_category: str | list[str],
+        conditioning_image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        latents: torch.Tensor | None = None,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        neg_prompt: str = "",
+        prompt_strength: float = 1.0,
+        prompt_reps: int = 20,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images of the reference subject, re-contextualised by the prompt.
+
+        Args:
+            prompt: what to generate, e.g. ``"swimming underwater"`` (a list for a batch).
+            reference_image: the subject (one image, or one per prompt); any PIL mode.
+            source_subject_category: what the reference shows, e.g. ``"dog"`` (a string for all prompts, or one per prompt).
+            target_subject_category: what to render the subject as (usually the same).
+            conditioning_image: a control map (Canny edges or a scribble, white on black) when the IR
+                directory has a ControlNet; generation then follows its structure.
+            latents: initial noise, shape ``(batch, 4, height // 8, width // 8)``; drawn from ``generator`` if not given.
+            guidance_scale: classifier-free guidance weight; ``<= 1`` disables guidance (half the UNet work).
+            height, width: output size in pixels, positive multiples of 8.
+            num_inference_steps: denoising steps.
+            generator: a ``torch.Generator`` (or one per prompt) for reproducible noise: the same
+                generator gives the same image as diffusers.
+            neg_prompt: what to steer away from (used with guidance).
+            prompt_strength, prompt_reps: the prompt is repeated ``int(prompt_strength * prompt_reps)`` times.
+            output_type: ``"pil"`` or ``"np"`` (float32 in [0, 1], shape ``(batch, height, width, 3)``).
+            return_dict: return an ``ImagePipelineOutput``; otherwise a tuple ``(images,)``.
+        """
+        prompts, sources, targets, references, conditions = self.check_inputs(
+            prompt,
+            reference_image,
+            source_subject_category,
+            target_subject_category,
+            conditioning_image,
+            latents,
+            guidance_scale,
+            height,
+            width,
+            num_inference_steps,
+            generator,
+            neg_prompt,
+            prompt_strength,
+            prompt_reps,
+            output_type,
+        )
+        batch_size = len(prompts)
+        query_embeds = self.encode_subject(references, sources)
+        text_embeddings = self.encode_prompt(query_embeds, self.build_prompt(prompts, targets, prompt_strength, prompt_reps))
+        cfg = guidance_scale > 1.0
+        if cfg:
+            negative = np.repeat(self.encode_negative_prompt(neg_prompt), batch_size, axis=0)
+            text_embeddings = np.concatenate([negative, text_embeddings])
+
+        scale = self.latent_scale_factor
+        shape = (batch_size, self.unet.config["in_channels"], height // scale, width // scale)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, dtype=torch.float32)
+        scheduler = PNDMScheduler.from_config(self.scheduler.config)  # fresh state: calls may overlap
+        latents = latents.to(torch.float32) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(num_inference_steps)
+
+        model_batch = batch_size * (2 if cfg else 1)
+        if conditions is not None:
+            control = self.prepare_control_image(conditions, height, width, batch_size, cfg)
+        else:
+            # Plain generation: the shared UNet IR gets zero ControlNet residuals.
+            residuals = {
+                name: np.zeros((model_batch, channels, math.ceil(shape[2] / s), math.ceil(shape[3] / s)), np.float32)
+                for name, (channels, s) in zip(
+                    self.unet.input_names[3:], self.unet.config["controlnet_residuals"], strict=True
+                )
+            }
+        for t in self.progress_bar(scheduler.timesteps):
+            latent_input = torch.cat([latents] * 2) if cfg else latents
+            inputs = {
+                "sample": latent_input.numpy(),
+                "timestep": np.array([int(t)], dtype=np.int64),
+                "encoder_hidden_states": text_embeddings,
+            }
+            if conditions is not None:
+                residuals = self.controlnet(**inputs, controlnet_cond=control)
+            noise_pred = torch.from_numpy(self.unet(**inputs, **residuals)["noise_pred"])
+            if cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents)["prev_sample"]
+
+        images = self.decode_latents(latents, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
