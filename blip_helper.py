@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,7 +113,11 @@ def _resolve_model_dir(model: str | os.PathLike) -> Path:
         return path
     name = str(model)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise _not_available(name, "it is not a directory, nor a hub id of the form 'owner/name'")
+        raise ModelNotAvailableError(
+            f"Could not load the model {name!r}: there is no directory at {path}, and it is not a hub id of the "
+            f"form 'owner/name' (such as {DEFAULT_MODEL!r}). Pass the directory that holds the pipeline's "
+            "model_index.json."
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -212,7 +217,9 @@ def _save_ir(
     save_assets=None,
 ) -> None:
     """Trace ``module``, name its inputs and outputs, and save IR + config.json atomically."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # diffusers' shape checks trip TorchScript's tracer warnings; the parity tests cover what they warn of.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         ov_model = ov.convert_model(module, example_input=example_input)
     for port, name in zip(ov_model.inputs, input_names, strict=True):
         port.get_tensor().set_names({name})
@@ -535,8 +542,6 @@ def convert_pipeline(
     }
     if controlnet_pipe is not None:
         if not _same_weights(pipe.unet, controlnet_pipe.unet):
-            import warnings
-
             warnings.warn(
                 "The ControlNet pipeline's UNet differs from the base pipeline's; the OpenVINO pipeline uses the "
                 "base UNet for both kinds of generation.",
