@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import blip_helper  # noqa: E402
-from tiny_pipelines import build_tiny_pipelines  # noqa: E402
+from pipeline_builder import build_tiny_pipelines  # noqa: E402
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
