@@ -202,8 +202,20 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _part_complete(part_dir: Path) -> bool:
-    return all((part_dir / name).is_file() for name in (MODEL_FILE, "openvino_model.bin", "config.json"))
+def _part_complete(part_dir: Path, source: str | None = None) -> bool:
+    """All files of a converted part are there (and, if given, it was converted from ``source``)."""
+    if not all((part_dir / name).is_file() for name in (MODEL_FILE, "openvino_model.bin", "config.json")):
+        return False
+    return source is None or json.loads((part_dir / "config.json").read_text()).get("source") == source
+
+
+def _source_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's architecture config: a part converted from another model is not reused."""
+    import hashlib
+
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    config = {key: value for key, value in config.items() if not key.startswith("_")}  # paths, versions
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _save_ir(
@@ -214,9 +226,11 @@ def _save_ir(
     config: dict,
     part_dir: Path,
     weight_format: str,
+    source: torch.nn.Module,
     save_assets=None,
 ) -> None:
     """Trace ``module``, name its inputs and outputs, and save IR + config.json atomically."""
+    config = {**config, "source": _source_fingerprint(source)}
     with torch.no_grad(), warnings.catch_warnings():
         # diffusers' shape checks trip TorchScript's tracer warnings; the parity tests cover what they warn of.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -384,6 +398,7 @@ def convert_qformer(pipe, output_dir, weight_format: str = "fp16") -> Path:
         config,
         part_dir,
         weight_format,
+        qformer,
         save_assets=lambda tmp: qformer.tokenizer.save_pretrained(tmp / "tokenizer"),
     )
     return part_dir
@@ -411,6 +426,7 @@ def convert_text_encoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
         config,
         part_dir,
         weight_format,
+        pipe.text_encoder,
     )
     return part_dir
 
@@ -446,6 +462,7 @@ def convert_unet(pipe, output_dir, weight_format: str = "fp16") -> Path:
         config,
         part_dir,
         weight_format,
+        pipe.unet,
     )
     return part_dir
 
@@ -466,6 +483,7 @@ def convert_controlnet(controlnet_pipe, output_dir, weight_format: str = "fp16")
         {"conditioning_channels": controlnet_pipe.controlnet.config.conditioning_channels},
         part_dir,
         weight_format,
+        controlnet_pipe.controlnet,
     )
     return part_dir
 
@@ -477,21 +495,21 @@ def convert_vae_decoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
     example = {"latent_sample": torch.randn(1, vae_config.latent_channels, 9, 9)}
     config = {"latent_channels": vae_config.latent_channels, "scaling_factor": vae_config.scaling_factor}
     _save_ir(
-        _VaeDecoderForExport(pipe.vae), example, ["latent_sample"], ["sample"], config, part_dir, weight_format
+        _VaeDecoderForExport(pipe.vae), example, ["latent_sample"], ["sample"], config, part_dir, weight_format, pipe.vae
     )
     return part_dir
 
 
 def _save_assets(pipe, output_dir: Path) -> None:
+    # Small, so always written again: they must match the model parts just converted.
     savers = {
         "tokenizer": pipe.tokenizer.save_pretrained,
         "scheduler": pipe.scheduler.save_pretrained,
         "image_processor": pipe.image_processor.save_pretrained,
     }
     for name, save in savers.items():
-        if not (output_dir / name).is_dir():
-            with _atomic_dir(output_dir / name) as tmp:
-                save(tmp)
+        with _atomic_dir(output_dir / name) as tmp:
+            save(tmp)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -516,7 +534,9 @@ def convert_pipeline(
         controlnet_pipe: a ``BlipDiffusionControlNetPipeline``; only its ControlNet is converted, since
             one UNet IR serves both kinds of generation.
         weight_format: ``"fp16"`` (half the size, the default) or ``"fp32"`` (bit-exact weights).
-        overwrite: convert again parts that are already there (by default they are skipped).
+        overwrite: convert again parts that are already there. By default a part is skipped when it
+            was converted from a model of the same architecture config (a different checkpoint of the
+            same architecture needs ``overwrite=True``).
 
     Returns:
         The size on disk of each part, in bytes (see :func:`ir_sizes`).
@@ -534,11 +554,11 @@ def convert_pipeline(
     output_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and (output_dir / PIPELINE_CONFIG).exists():
         (output_dir / PIPELINE_CONFIG).unlink()
-    converters = {
-        "qformer": lambda: convert_qformer(pipe, output_dir, weight_format),
-        "text_encoder": lambda: convert_text_encoder(pipe, output_dir, weight_format),
-        "unet": lambda: convert_unet(pipe, output_dir, weight_format),
-        "vae_decoder": lambda: convert_vae_decoder(pipe, output_dir, weight_format),
+    converters = {  # name: (source module, converter)
+        "qformer": (pipe.qformer, lambda: convert_qformer(pipe, output_dir, weight_format)),
+        "text_encoder": (pipe.text_encoder, lambda: convert_text_encoder(pipe, output_dir, weight_format)),
+        "unet": (pipe.unet, lambda: convert_unet(pipe, output_dir, weight_format)),
+        "vae_decoder": (pipe.vae, lambda: convert_vae_decoder(pipe, output_dir, weight_format)),
     }
     if controlnet_pipe is not None:
         if not _same_weights(pipe.unet, controlnet_pipe.unet):
@@ -547,9 +567,12 @@ def convert_pipeline(
                 "base UNet for both kinds of generation.",
                 stacklevel=2,
             )
-        converters["controlnet"] = lambda: convert_controlnet(controlnet_pipe, output_dir, weight_format)
-    for name, convert in tqdm(converters.items(), desc="Converting to OpenVINO IR"):
-        if overwrite or not _part_complete(output_dir / name):
+        converters["controlnet"] = (
+            controlnet_pipe.controlnet,
+            lambda: convert_controlnet(controlnet_pipe, output_dir, weight_format),
+        )
+    for name, (source, convert) in tqdm(converters.items(), desc="Converting to OpenVINO IR"):
+        if overwrite or not _part_complete(output_dir / name, _source_fingerprint(source)):
             convert()
     _save_assets(pipe, output_dir)
     parts = [name for name in PART_NAMES if _part_complete(output_dir / name)]
@@ -976,3 +999,87 @@ class OVBlipDiffusionPipeline:
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Control maps, example images and comparisons for the notebook
+# --------------------------------------------------------------------------------------------------
+
+
+def canny_map(image: PIL.Image.Image, low_threshold: int = 30, high_threshold: int = 70) -> PIL.Image.Image:
+    """Canny edges, white on black, as the Canny ControlNet was trained on (thresholds as in diffusers' example)."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(to_rgb(image)), low_threshold, high_threshold)
+    return PIL.Image.fromarray(edges).convert("RGB")
+
+
+def scribble_map(image: PIL.Image.Image, thickness: int = 0, detail: float = 0.004) -> PIL.Image.Image:
+    """A scribble-like control map from a photo or silhouette, computed offline with OpenCV.
+
+    The outlines of the main shapes are simplified into polylines (``detail`` is the tolerance, as a
+    fraction of the image diagonal) and drawn thick, like a hand-drawn scribble: white on black.
+    ``thickness`` 0 picks about 1% of the image's shorter side.
+    """
+    import cv2
+
+    gray = cv2.cvtColor(np.asarray(to_rgb(image)), cv2.COLOR_RGB2GRAY)
+    height, width = gray.shape
+    blurred = cv2.GaussianBlur(gray, (0, 0), sigmaX=max(1.0, min(height, width) / 200))
+    edges = cv2.Canny(blurred, 50, 150)
+    edges = cv2.dilate(edges, np.ones((3, 3), np.uint8))  # close small gaps before tracing outlines
+    contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    min_length = 0.05 * (height + width)
+    tolerance = detail * math.hypot(height, width)
+    strokes = [cv2.approxPolyDP(c, tolerance, True) for c in contours if cv2.arcLength(c, True) >= min_length]
+    canvas = np.zeros_like(gray)
+    cv2.polylines(canvas, strokes, isClosed=True, color=255, thickness=thickness or max(2, min(height, width) // 100))
+    return PIL.Image.fromarray(canvas).convert("RGB")
+
+
+def example_images() -> dict[str, PIL.Image.Image]:
+    """Pictures that ship inside scikit-image, so the tutorial runs offline.
+
+    ``cat`` (Chelsea), ``coffee`` (a cup of coffee), ``horse`` (a silhouette), ``astronaut`` and
+    ``rocket``: public-domain or CC0 images, see scikit-image's ``skimage/data/README.txt``.
+    """
+    from skimage import data
+
+    return {
+        "cat": PIL.Image.fromarray(data.chelsea()),
+        "coffee": PIL.Image.fromarray(data.coffee()),
+        "horse": PIL.Image.fromarray(~data.horse()).convert("RGB"),  # black horse on white
+        "astronaut": PIL.Image.fromarray(data.astronaut()),
+        "rocket": PIL.Image.fromarray(data.rocket()),
+    }
+
+
+def _as_array(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64) / (255.0 if isinstance(image, PIL.Image.Image) else 1.0)
+
+
+def image_difference(reference, other) -> dict[str, float]:
+    """Max and mean absolute difference (on a 0-1 scale) and PSNR in dB of two images (PIL, or arrays in [0, 1])."""
+    a, b = _as_array(reference), _as_array(other)
+    if a.shape != b.shape:
+        raise ValueError(f"the images differ in shape: {a.shape} and {b.shape}")
+    diff = np.abs(a - b)
+    mse = float(np.mean(diff**2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "psnr_db": psnr}
+
+
+def show_images(images: Sequence, titles: Sequence[str] = (), columns: int | None = None, size: float = 4.0):
+    """Show images side by side with matplotlib; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    columns = columns or len(images)
+    rows = math.ceil(len(images) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, [*titles] + [""] * len(images)):
+        axis.imshow(image)
+        axis.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -341,6 +341,20 @@ def test_interrupted_conversion_never_looks_complete_and_resumes(pipe, tmp_path,
     OVBlipDiffusionPipeline.from_pretrained(out, ov_config=F32)
 
 
+def test_parts_of_another_architecture_are_converted_again(pipe, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "ir"
+    blip_helper.convert_pipeline(pipe, out, weight_format="fp32")
+    stamps = {name: (out / name / "openvino_model.bin").stat().st_mtime_ns for name in ("qformer", "unet")}
+    deeper_unet = UNet2DConditionModel(**{**pipe.unet.config, "layers_per_block": 2}).eval()
+    monkeypatch.setattr(pipe, "unet", deeper_unet)
+    blip_helper.convert_pipeline(pipe, out, weight_format="fp32")
+    assert (out / "qformer" / "openvino_model.bin").stat().st_mtime_ns == stamps["qformer"]
+    assert (out / "unet" / "openvino_model.bin").stat().st_mtime_ns != stamps["unet"]
+    assert len(json.loads((out / "unet" / "config.json").read_text())["controlnet_residuals"]) == 1 + 2 * 2 + 1 + 1
+
+
 def test_convert_pipeline_rejects_bad_arguments(pipe, controlnet_pipe, tmp_path):
     with pytest.raises(ValueError, match="weight_format"):
         blip_helper.convert_pipeline(pipe, tmp_path, weight_format="int4")
