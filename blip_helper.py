@@ -202,11 +202,18 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _part_complete(part_dir: Path, source: str | None = None) -> bool:
-    """All files of a converted part are there (and, if given, it was converted from ``source``)."""
+def _part_complete(part_dir: Path, **expected_config) -> bool:
+    """All files of a converted part are there, and its config.json has the ``expected_config`` values."""
     if not all((part_dir / name).is_file() for name in (MODEL_FILE, "openvino_model.bin", "config.json")):
         return False
-    return source is None or json.loads((part_dir / "config.json").read_text()).get("source") == source
+    config = json.loads((part_dir / "config.json").read_text())
+    return all(config.get(key) == value for key, value in expected_config.items())
+
+
+def _needs_conversion(part_dir: Path, module: torch.nn.Module, weight_format: str, overwrite: bool) -> bool:
+    if weight_format not in ("fp16", "fp32"):
+        raise ValueError(f"weight_format must be 'fp16' or 'fp32', got {weight_format!r}")
+    return overwrite or not _part_complete(part_dir, source=_source_fingerprint(module), weight_format=weight_format)
 
 
 def _source_fingerprint(module: torch.nn.Module) -> str:
@@ -230,7 +237,7 @@ def _save_ir(
     save_assets=None,
 ) -> None:
     """Trace ``module``, name its inputs and outputs, and save IR + config.json atomically."""
-    config = {**config, "source": _source_fingerprint(source)}
+    config = {**config, "source": _source_fingerprint(source), "weight_format": weight_format}
     with torch.no_grad(), warnings.catch_warnings():
         # diffusers' shape checks trip TorchScript's tracer warnings; the parity tests cover what they warn of.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -374,9 +381,11 @@ def _text_hidden(pipe) -> tuple[int, int]:
     return config.max_position_embeddings, config.hidden_size
 
 
-def convert_qformer(pipe, output_dir, weight_format: str = "fp16") -> Path:
+def convert_qformer(pipe, output_dir, weight_format: str = "fp16", overwrite: bool = False) -> Path:
     """Q-Former + vision encoder + projection: (pixel_values, input_ids, attention_mask) -> query_embeds."""
     part_dir = Path(output_dir) / "qformer"
+    if not _needs_conversion(part_dir, pipe.qformer, weight_format, overwrite):
+        return part_dir
     qformer = pipe.qformer
     size = pipe.image_processor.size
     tokens = qformer.tokenizer(["dog", "teddy bear"], return_tensors="pt", padding=True)
@@ -404,9 +413,11 @@ def convert_qformer(pipe, output_dir, weight_format: str = "fp16") -> Path:
     return part_dir
 
 
-def convert_text_encoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
+def convert_text_encoder(pipe, output_dir, weight_format: str = "fp16", overwrite: bool = False) -> Path:
     """Context-aware CLIP text encoder: (input_ids, ctx_embeddings) -> last_hidden_state."""
     part_dir = Path(output_dir) / "text_encoder"
+    if not _needs_conversion(part_dir, pipe.text_encoder, weight_format, overwrite):
+        return part_dir
     max_len, hidden = _text_hidden(pipe)
     num_query = pipe.qformer.config.num_query_tokens
     example = {
@@ -441,9 +452,11 @@ def _denoiser_example(pipe, unet_config) -> dict[str, torch.Tensor]:
     }
 
 
-def convert_unet(pipe, output_dir, weight_format: str = "fp16") -> Path:
+def convert_unet(pipe, output_dir, weight_format: str = "fp16", overwrite: bool = False) -> Path:
     """UNet with ControlNet residual inputs: one IR for plain and ControlNet generation."""
     part_dir = Path(output_dir) / "unet"
+    if not _needs_conversion(part_dir, pipe.unet, weight_format, overwrite):
+        return part_dir
     unet_config = pipe.unet.config
     example = _denoiser_example(pipe, unet_config)
     specs = _controlnet_residual_specs(unet_config)
@@ -467,9 +480,11 @@ def convert_unet(pipe, output_dir, weight_format: str = "fp16") -> Path:
     return part_dir
 
 
-def convert_controlnet(controlnet_pipe, output_dir, weight_format: str = "fp16") -> Path:
+def convert_controlnet(controlnet_pipe, output_dir, weight_format: str = "fp16", overwrite: bool = False) -> Path:
     """ControlNet: (sample, timestep, encoder_hidden_states, controlnet_cond) -> the UNet's residual inputs."""
     part_dir = Path(output_dir) / "controlnet"
+    if not _needs_conversion(part_dir, controlnet_pipe.controlnet, weight_format, overwrite):
+        return part_dir
     unet_config = controlnet_pipe.unet.config
     example = _denoiser_example(controlnet_pipe, unet_config)
     image_size = example["sample"].shape[-1] * _latent_scale_factor(unet_config)
@@ -488,9 +503,11 @@ def convert_controlnet(controlnet_pipe, output_dir, weight_format: str = "fp16")
     return part_dir
 
 
-def convert_vae_decoder(pipe, output_dir, weight_format: str = "fp16") -> Path:
+def convert_vae_decoder(pipe, output_dir, weight_format: str = "fp16", overwrite: bool = False) -> Path:
     """VAE decoder: latent_sample (already divided by the scaling factor) -> sample in [-1, 1]."""
     part_dir = Path(output_dir) / "vae_decoder"
+    if not _needs_conversion(part_dir, pipe.vae, weight_format, overwrite):
+        return part_dir
     vae_config = pipe.vae.config
     example = {"latent_sample": torch.randn(1, vae_config.latent_channels, 9, 9)}
     config = {"latent_channels": vae_config.latent_channels, "scaling_factor": vae_config.scaling_factor}
@@ -554,11 +571,11 @@ def convert_pipeline(
     output_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and (output_dir / PIPELINE_CONFIG).exists():
         (output_dir / PIPELINE_CONFIG).unlink()
-    converters = {  # name: (source module, converter)
-        "qformer": (pipe.qformer, lambda: convert_qformer(pipe, output_dir, weight_format)),
-        "text_encoder": (pipe.text_encoder, lambda: convert_text_encoder(pipe, output_dir, weight_format)),
-        "unet": (pipe.unet, lambda: convert_unet(pipe, output_dir, weight_format)),
-        "vae_decoder": (pipe.vae, lambda: convert_vae_decoder(pipe, output_dir, weight_format)),
+    converters = {
+        "qformer": lambda: convert_qformer(pipe, output_dir, weight_format, overwrite),
+        "text_encoder": lambda: convert_text_encoder(pipe, output_dir, weight_format, overwrite),
+        "unet": lambda: convert_unet(pipe, output_dir, weight_format, overwrite),
+        "vae_decoder": lambda: convert_vae_decoder(pipe, output_dir, weight_format, overwrite),
     }
     if controlnet_pipe is not None:
         if not _same_weights(pipe.unet, controlnet_pipe.unet):
@@ -567,13 +584,9 @@ def convert_pipeline(
                 "base UNet for both kinds of generation.",
                 stacklevel=2,
             )
-        converters["controlnet"] = (
-            controlnet_pipe.controlnet,
-            lambda: convert_controlnet(controlnet_pipe, output_dir, weight_format),
-        )
-    for name, (source, convert) in tqdm(converters.items(), desc="Converting to OpenVINO IR"):
-        if overwrite or not _part_complete(output_dir / name, _source_fingerprint(source)):
-            convert()
+        converters["controlnet"] = lambda: convert_controlnet(controlnet_pipe, output_dir, weight_format, overwrite)
+    for convert in tqdm(converters.values(), desc="Converting to OpenVINO IR"):
+        convert()  # each skips a part already converted from the same architecture
     _save_assets(pipe, output_dir)
     parts = [name for name in PART_NAMES if _part_complete(output_dir / name)]
     _write_json_atomic(
@@ -583,7 +596,6 @@ def convert_pipeline(
             "ctx_begin_pos": pipe.config.ctx_begin_pos,
             "mean": list(pipe.config.mean) if pipe.config.mean is not None else None,
             "std": list(pipe.config.std) if pipe.config.std is not None else None,
-            "weight_format": weight_format,
         },
     )
     return ir_sizes(output_dir)
@@ -637,6 +649,11 @@ class OVModelPart:
         self._request = None
 
     def compile(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Compile for these input shapes (static-shape parts) or for any (``None``); no-op if already done."""
+        shapes = shapes if self._static_shapes else None
+        if self._request is not None and shapes == self._compiled_shapes:
+            return
+        self._request = None  # free the previous compilation before making the next
         if shapes is not None:
             self.model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         compiled = self._core.compile_model(self.model, self._device, self._ov_config)
@@ -644,10 +661,7 @@ class OVModelPart:
         self._compiled_shapes = shapes
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        shapes = {name: tuple(value.shape) for name, value in inputs.items()} if self._static_shapes else None
-        if self._request is None or shapes != self._compiled_shapes:
-            self._request = None  # free the previous compilation before making the next
-            self.compile(shapes)
+        self.compile({name: tuple(value.shape) for name, value in inputs.items()})
         self._request.infer(inputs, share_inputs=True)
         # Copies: the request's output tensors are overwritten by the next call.
         return {name: self._request.get_tensor(name).data.copy() for name in self.output_names}
@@ -764,6 +778,37 @@ class OVBlipDiffusionPipeline:
     @property
     def latent_scale_factor(self) -> int:
         return self.unet.config["latent_scale_factor"]
+
+    def _denoiser_shapes(self, model_batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        scale = self.latent_scale_factor
+        latent_h, latent_w = height // scale, width // scale
+        text = self.text_encoder.config
+        shapes = {
+            "sample": (model_batch, self.unet.config["in_channels"], latent_h, latent_w),
+            "timestep": (1,),
+            "encoder_hidden_states": (model_batch, text["max_position_embeddings"], text["hidden_size"]),
+        }
+        residual_names = self.unet.input_names[len(shapes) :]
+        for name, (channels, down) in zip(residual_names, self.unet.config["controlnet_residuals"], strict=True):
+            shapes[name] = (model_batch, channels, math.ceil(latent_h / down), math.ceil(latent_w / down))
+        return shapes
+
+    def compile(self, height: int = 512, width: int = 512, batch_size: int = 1, guidance_scale: float = 7.5) -> None:
+        """Compile every part for one image size ahead of time (otherwise the first call at a size does it).
+
+        Handy to keep compilation out of timings; with the model cache it takes seconds.
+        """
+        self.check_inputs("", PIL.Image.new("RGB", (8, 8)), "x", "x", None, None, guidance_scale, height, width, 1, None, "", 1.0, 1, "np")
+        model_batch = batch_size * (2 if guidance_scale > 1 else 1)
+        shapes = self._denoiser_shapes(model_batch, height, width)
+        self.qformer.compile()
+        self.text_encoder.compile()
+        self.unet.compile(shapes)
+        if self.controlnet is not None:
+            denoiser_inputs = dict(list(shapes.items())[:3])
+            self.controlnet.compile({**denoiser_inputs, "controlnet_cond": (model_batch, 3, height, width)})
+        sample = shapes["sample"]
+        self.vae_decoder.compile({"latent_sample": (batch_size, *sample[1:])})
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm progress bar over the denoising steps (e.g. ``disable=True``)."""
@@ -961,24 +1006,21 @@ class OVBlipDiffusionPipeline:
             negative = np.repeat(self.encode_negative_prompt(neg_prompt), batch_size, axis=0)
             text_embeddings = np.concatenate([negative, text_embeddings])
 
-        scale = self.latent_scale_factor
-        shape = (batch_size, self.unet.config["in_channels"], height // scale, width // scale)
+        model_batch = batch_size * (2 if cfg else 1)
+        denoiser_shapes = self._denoiser_shapes(model_batch, height, width)
+        shape = (batch_size, *denoiser_shapes["sample"][1:])
         if latents is None:
             latents = randn_tensor(shape, generator=generator, dtype=torch.float32)
         scheduler = PNDMScheduler.from_config(self.scheduler.config)  # fresh state: calls may overlap
         latents = latents.to(torch.float32) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps)
 
-        model_batch = batch_size * (2 if cfg else 1)
         if conditions is not None:
             control = self.prepare_control_image(conditions, height, width, batch_size, cfg)
         else:
             # Plain generation: the shared UNet IR gets zero ControlNet residuals.
             residuals = {
-                name: np.zeros((model_batch, channels, math.ceil(shape[2] / s), math.ceil(shape[3] / s)), np.float32)
-                for name, (channels, s) in zip(
-                    self.unet.input_names[3:], self.unet.config["controlnet_residuals"], strict=True
-                )
+                name: np.zeros(shape, np.float32) for name, shape in list(denoiser_shapes.items())[3:]
             }
         for t in self.progress_bar(scheduler.timesteps):
             latent_input = torch.cat([latents] * 2) if cfg else latents

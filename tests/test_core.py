@@ -387,18 +387,14 @@ def test_round_trip_in_a_fresh_offline_process(ir_fp32, pipe, tmp_path):
     assert np.abs(actual - _generate(pipe)).max() <= PARITY_ATOL
 
 
-def test_static_shapes_compile_once_per_size(ov_pipe, monkeypatch):
-    compiled = []
-    original = blip_helper.OVModelPart.compile
-
-    def counting(self, shapes=None):
-        compiled.append(shapes)
-        return original(self, shapes)
-
-    monkeypatch.setattr(blip_helper.OVModelPart, "compile", counting)
-    _generate(ov_pipe, height=32, width=40)
-    compiled.clear()
+def test_static_shapes_compile_once_per_size(ov_pipe):
+    ov_pipe.compile(height=32, width=40)
+    requests = {name: getattr(ov_pipe, name)._request for name in ("qformer", "text_encoder", "unet", "vae_decoder")}
+    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 16, 20)
     _generate(ov_pipe, height=32, width=40, seed=1)
-    assert compiled == []  # same size: every part reuses its compiled model
+    for name, request in requests.items():
+        assert getattr(ov_pipe, name)._request is request, f"{name} was compiled again for the same size"
     _generate(ov_pipe, height=40, width=32)
-    assert {"sample": (2, 4, 20, 16)}.items() <= (compiled[0] or {}).items()  # a new size: the UNet is recompiled
+    assert ov_pipe.unet._request is not requests["unet"]  # a new size: compiled for it
+    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 20, 16)
+    assert ov_pipe.text_encoder._request is requests["text_encoder"]  # dynamic shapes: compiled once
