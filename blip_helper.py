@@ -54,6 +54,7 @@ except ImportError:
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_CONTROLNET_MODEL",
+    "DEFAULT_NEGATIVE_PROMPT",
     "ModelNotAvailableError",
     "load_pipeline",
     "convert_pipeline",
@@ -65,8 +66,19 @@ __all__ = [
     "ir_sizes",
     "OVBlipDiffusionPipeline",
     "to_rgb",
+    "generate_with_diffusers",
+    "canny_map",
+    "scribble_map",
+    "example_images",
+    "image_difference",
+    "show_images",
 ]
 
+# The negative prompt of diffusers' BLIP-Diffusion examples.
+DEFAULT_NEGATIVE_PROMPT = (
+    "over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
+    "low quality, jpeg artifacts, morbid, mutilated, ugly, bad anatomy, bad proportions, deformed, blurry"
+)
 DEFAULT_MODEL = "Salesforce/blipdiffusion"
 DEFAULT_CONTROLNET_MODEL = "Salesforce/blipdiffusion-controlnet"
 
@@ -601,6 +613,20 @@ def convert_pipeline(
     return ir_sizes(output_dir)
 
 
+def generate_with_diffusers(pipe, controlnet_pipe=None, conditioning_image=None, **kwargs):
+    """Run the PyTorch pipelines with the OpenVINO pipeline's arguments.
+
+    With a ``conditioning_image`` the ControlNet pipeline runs (diffusers spells that argument
+    ``condtioning_image``); the images are converted to RGB the same way.
+    """
+    kwargs["reference_image"] = to_rgb(kwargs["reference_image"])
+    if conditioning_image is None:
+        return pipe(**kwargs)
+    if controlnet_pipe is None:
+        raise ValueError("conditioning_image needs controlnet_pipe (load_pipeline(..., controlnet=True))")
+    return controlnet_pipe(**kwargs, condtioning_image=to_rgb(conditioning_image))
+
+
 def ir_sizes(ir_dir: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk of each model part (and ``total``) of an IR directory."""
     ir_dir = Path(ir_dir)
@@ -916,7 +942,14 @@ class OVBlipDiffusionPipeline:
         """The unconditional embedding [1, max_len, hidden]: the same IR with an empty context, cached per text."""
         if neg_prompt not in self._negative_embeddings:
             config = self.text_encoder.config
-            tokens = self.tokenizer([neg_prompt], padding="max_length", max_length=config["max_position_embeddings"], return_tensors="np")
+            # Truncated like the prompt (diffusers fails on a negative prompt longer than the text encoder's window).
+            tokens = self.tokenizer(
+                [neg_prompt],
+                padding="max_length",
+                truncation=True,
+                max_length=config["max_position_embeddings"],
+                return_tensors="np",
+            )
             empty_context = np.zeros((1, 0, config["hidden_size"]), dtype=np.float32)
             self._negative_embeddings[neg_prompt] = self.text_encoder(
                 input_ids=tokens.input_ids.astype(np.int64), ctx_embeddings=empty_context

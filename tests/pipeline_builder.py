@@ -34,14 +34,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+# Words given BPE merges, so that the notebook's prompts and the default negative prompt (69 tokens)
+# fit in the text encoder's 77 positions; merges of different words interfere, so not every word
+# ends up as one token. Any other text still tokenizes, one byte per token.
+CLIP_WORDS = (
+    "a the of on in and with dog cat cup horse coffee teapot rocket astronaut swimming underwater marble "
+    "table meadow beach running field over under exposure saturated duplicate out frame lowres cropped worst "
+    "quality low jpeg artifacts morbid mutilated ugly bad anatomy proportions deformed blurry"
+).split()
+
+
+def _word_merges(word: str) -> list[str]:
+    """BPE merges that build ``word</w>`` from its characters, left to right."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    merges, current = [], pieces[0]
+    for piece in pieces[1:]:
+        merges.append(f"{current} {piece}")
+        current += piece
+    return merges
+
+
 def write_clip_tokenizer(directory: Path) -> Path:
-    """A byte-level CLIP tokenizer with a few merges: every text tokenizes, offline."""
+    """A byte-level CLIP tokenizer with merges for ``CLIP_WORDS``: every text tokenizes, offline."""
     directory.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
-    merges = ["a </w>", "d o", "do g</w>", "c a", "ca t</w>", "i n", "t h", "th e</w>"]
-    for merge in merges:
-        vocab.append(merge.replace(" ", ""))
+    merges = list(dict.fromkeys(m for word in CLIP_WORDS for m in _word_merges(word)))
+    vocab += list(dict.fromkeys(m.replace(" ", "") for m in merges if m.replace(" ", "") not in vocab))
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

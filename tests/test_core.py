@@ -153,7 +153,7 @@ def test_vae_decoder_parity(pipe, ov_pipe):
     with torch.no_grad():
         expected = pipe.vae.decode(latents, return_dict=False)[0].numpy()
     actual = ov_pipe.vae_decoder(latent_sample=latents.numpy())["sample"]
-    assert actual.shape == (2, 3, 20, 28)
+    assert actual.shape == (2, 3, 80, 112)
     np.testing.assert_allclose(actual, expected, atol=PART_ATOL, rtol=0)
 
 
@@ -198,7 +198,7 @@ def test_same_seed_same_image_and_other_seed_other_image(ov_pipe):
 
 
 # Measured with the fp16 IR at the device's default precision (bf16 on AMX CPUs) against PyTorch f32:
-# max 0.033, mean 0.004 on the tiny pipelines (bf16); the bounds leave room for other CPUs.
+# max 0.075, mean 0.007 on the tiny pipelines (bf16 with AVX512-BF16); the bounds leave room for other CPUs.
 DEFAULT_PRECISION_MAX = 0.15
 DEFAULT_PRECISION_MEAN = 0.02
 
@@ -251,7 +251,7 @@ BAD_INPUTS = {
     "negative guidance": ({"guidance_scale": -1.0}, "guidance_scale"),
     "nan guidance": ({"guidance_scale": float("nan")}, "guidance_scale"),
     "output type": ({"output_type": "pt"}, "output_type"),
-    "latents shape": ({"latents": torch.zeros(1, 4, 8, 8)}, "latents"),
+    "latents shape": ({"latents": torch.zeros(1, 4, 4, 4)}, "latents"),
     "generator list length": ({"generator": [torch.Generator(), torch.Generator()]}, "generator"),
 }
 
@@ -352,7 +352,7 @@ def test_parts_of_another_architecture_are_converted_again(pipe, tmp_path, monke
     blip_helper.convert_pipeline(pipe, out, weight_format="fp32")
     assert (out / "qformer" / "openvino_model.bin").stat().st_mtime_ns == stamps["qformer"]
     assert (out / "unet" / "openvino_model.bin").stat().st_mtime_ns != stamps["unet"]
-    assert len(json.loads((out / "unet" / "config.json").read_text())["controlnet_residuals"]) == 1 + 2 * 2 + 1 + 1
+    assert len(json.loads((out / "unet" / "config.json").read_text())["controlnet_residuals"]) == 1 + 4 * 2 + 3 + 1
 
 
 def test_convert_pipeline_rejects_bad_arguments(pipe, controlnet_pipe, tmp_path):
@@ -390,11 +390,11 @@ def test_round_trip_in_a_fresh_offline_process(ir_fp32, pipe, tmp_path):
 def test_static_shapes_compile_once_per_size(ov_pipe):
     ov_pipe.compile(height=32, width=40)
     requests = {name: getattr(ov_pipe, name)._request for name in ("qformer", "text_encoder", "unet", "vae_decoder")}
-    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 16, 20)
+    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 4, 5)
     _generate(ov_pipe, height=32, width=40, seed=1)
     for name, request in requests.items():
         assert getattr(ov_pipe, name)._request is request, f"{name} was compiled again for the same size"
     _generate(ov_pipe, height=40, width=32)
     assert ov_pipe.unet._request is not requests["unet"]  # a new size: compiled for it
-    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 20, 16)
+    assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 5, 4)
     assert ov_pipe.text_encoder._request is requests["text_encoder"]  # dynamic shapes: compiled once
