@@ -72,6 +72,9 @@ __all__ = [
     "example_images",
     "image_difference",
     "show_images",
+    "compress_pipeline",
+    "collect_calibration_data",
+    "default_calibration",
 ]
 
 # The negative prompt of diffusers' BLIP-Diffusion examples.
@@ -673,6 +676,7 @@ class OVModelPart:
         self._static_shapes = static_shapes
         self._compiled_shapes = None
         self._request = None
+        self.recorded_inputs: list[dict[str, np.ndarray]] | None = None  # a list to collect calibration data
 
     def compile(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         """Compile for these input shapes (static-shape parts) or for any (``None``); no-op if already done."""
@@ -687,6 +691,8 @@ class OVModelPart:
         self._compiled_shapes = shapes
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.recorded_inputs is not None:
+            self.recorded_inputs.append({name: np.array(value) for name, value in inputs.items()})
         self.compile({name: tuple(value.shape) for name, value in inputs.items()})
         self._request.infer(inputs, share_inputs=True)
         # Copies: the request's output tensors are overwritten by the next call.
@@ -1163,6 +1169,158 @@ def show_images(images: Sequence, titles: Sequence[str] = (), columns: int | Non
 # --------------------------------------------------------------------------------------------------
 # NNCF compression
 # --------------------------------------------------------------------------------------------------
+
+# The INT8 scheme of each part. The UNet and the ControlNet do most of the work: their activations are
+# quantized too (see ``_quantize_denoiser`` for the measurements behind the choice). The encoders and
+# the VAE decoder run once per image: 8-bit weights halve their size at no measurable speed cost.
+WEIGHT_ONLY_PARTS = ("qformer", "text_encoder", "vae_decoder")
+ACTIVATION_PARTS = ("unet", "controlnet")
+WEIGHT_ONLY_SCHEME = "int8-weights"
+ACTIVATION_SCHEME = "int8-w8a8-smoothquant"
+
+
+def default_calibration() -> list[dict]:
+    """Generations whose UNet and ControlNet inputs calibrate the INT8 model: offline example images,
+    plain and controlled (Canny and scribble), so both kinds of UNet input are represented."""
+    images = example_images()
+    return [
+        {"prompt": "swimming underwater", "reference_image": images["cat"], "source_subject_category": "cat", "target_subject_category": "cat"},
+        {"prompt": "on a wooden table, studio light", "reference_image": images["coffee"], "source_subject_category": "coffee", "target_subject_category": "coffee"},
+        {"prompt": "on a marble table", "reference_image": images["cat"], "source_subject_category": "cat", "target_subject_category": "cup", "conditioning_image": canny_map(images["coffee"])},
+        {"prompt": "in a meadow", "reference_image": images["astronaut"], "source_subject_category": "astronaut", "target_subject_category": "horse", "conditioning_image": scribble_map(images["horse"])},
+    ]
+
+
+def collect_calibration_data(
+    ir_dir: str | os.PathLike,
+    calibration: Sequence[dict] | None = None,
+    subset_size: int = 64,
+    height: int = 512,
+    width: int = 512,
+    device: str = "CPU",
+    seed: int = 0,
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Record the UNet's and ControlNet's inputs while the FP pipeline generates the ``calibration`` images.
+
+    Each generation runs enough steps for ``subset_size`` UNet inputs in all; the recorded inputs span
+    the whole denoising trajectory, from pure noise to an almost clean image.
+    """
+    pipe = OVBlipDiffusionPipeline.from_pretrained(ir_dir, device=device)
+    pipe.set_progress_bar_config(desc="Collecting calibration data", leave=False)
+    generations = list(calibration if calibration is not None else default_calibration())
+    if not pipe.has_controlnet:
+        generations = [kwargs for kwargs in generations if kwargs.get("conditioning_image") is None]
+    if not generations:
+        raise ValueError("calibration must hold at least one generation (a dict of pipeline arguments)")
+    # PNDM (without PRK steps) runs one UNet call more than num_inference_steps.
+    steps = max(1, math.ceil(subset_size / len(generations)) - 1)
+    recorded = {"unet": [], "controlnet": []}
+    pipe.unet.recorded_inputs = recorded["unet"]
+    if pipe.has_controlnet:
+        pipe.controlnet.recorded_inputs = recorded["controlnet"]
+    for i, kwargs in enumerate(tqdm(generations, desc="Calibration images")):
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"calibration entries must be dicts of pipeline arguments, got {type(kwargs).__name__}")
+        pipe(**{"height": height, "width": width, "num_inference_steps": steps, **kwargs}, generator=torch.Generator().manual_seed(seed + i))
+    return recorded
+
+
+def _quantize_denoiser(model: ov.Model, samples: list[dict[str, np.ndarray]]) -> ov.Model:
+    """W8A8 post-training quantization of the UNet or ControlNet, with SmoothQuant for the MatMuls.
+
+    Chosen by measurement on the full-size UNet (512x512, guidance, bf16 default precision, inputs
+    captured from the pipeline), against two other schemes: weight-only INT8 was slower than the FP
+    model, and the hybrid scheme of optimum-intel (W8A8 convolutions, weight-only MatMuls) was slower
+    than full INT8. See the README's benchmark for the figures.
+    """
+    import nncf
+
+    return nncf.quantize(
+        model,
+        nncf.Dataset(samples),
+        model_type=nncf.ModelType.TRANSFORMER,  # keeps attention's softmax path in FP, adds SmoothQuant
+        subset_size=len(samples),
+    )
+
+
+def _compress_part(source_dir: Path, target_dir: Path, scheme: str, compress) -> None:
+    """Compress one IR part into ``target_dir`` atomically, keeping its config and assets."""
+    config = json.loads((source_dir / "config.json").read_text())
+    compressed = compress(ov.Core().read_model(source_dir / MODEL_FILE))
+    with _atomic_dir(target_dir) as tmp:
+        for item in source_dir.iterdir():  # assets such as the Q-Former's tokenizer
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+        ov.save_model(compressed, tmp / MODEL_FILE, compress_to_fp16=True)
+        (tmp / "config.json").write_text(json.dumps({**config, "quantization": scheme}, indent=2))
+    del compressed
+    gc.collect()
+
+
+def compress_pipeline(
+    ir_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    calibration: Sequence[dict] | None = None,
+    subset_size: int = 64,
+    calibration_size: int = 512,
+    device: str = "CPU",
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Write an INT8 copy of an IR directory that ``OVBlipDiffusionPipeline.from_pretrained`` loads like the FP one.
+
+    Args:
+        ir_dir: an IR directory from :func:`convert_pipeline`.
+        output_dir: where the INT8 IR directory goes (not ``ir_dir`` itself).
+        calibration: generations (dicts of pipeline arguments) whose UNet and ControlNet inputs
+            calibrate the activation quantization; :func:`default_calibration` if not given.
+        subset_size: number of recorded UNet inputs (and ControlNet inputs) used for calibration.
+        calibration_size: height and width of the calibration generations.
+        device: where the FP pipeline runs while collecting calibration data.
+        overwrite: compress again parts that are already there.
+
+    The UNet and ControlNet get INT8 weights and activations; the Q-Former, text encoder and VAE
+    decoder INT8 weights. Parts are written atomically and skipped when already compressed from the
+    same source, as in :func:`convert_pipeline`.
+
+    Returns:
+        The size on disk of each part, in bytes.
+    """
+    import nncf
+
+    ir_dir, output_dir = Path(ir_dir), Path(output_dir)
+    config = OVBlipDiffusionPipeline._read_pipeline_config(ir_dir)  # a clear error if missing or incomplete
+    if output_dir.resolve() == ir_dir.resolve():
+        raise ValueError("output_dir must differ from ir_dir: the INT8 pipeline is written beside the FP one")
+    if not isinstance(subset_size, int) or subset_size < 1:
+        raise ValueError(f"subset_size must be an integer >= 1, got {subset_size!r}")
+    if not isinstance(calibration_size, int) or calibration_size <= 0 or calibration_size % 8:
+        raise ValueError(f"calibration_size must be a positive multiple of 8, got {calibration_size!r}")
+    if calibration is not None and (isinstance(calibration, dict) or not all(isinstance(c, dict) for c in calibration)):
+        raise ValueError("calibration must be a list of dicts of pipeline arguments (prompt, reference_image, ...)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and (output_dir / PIPELINE_CONFIG).exists():
+        (output_dir / PIPELINE_CONFIG).unlink()
+
+    def pending(name: str, scheme: str) -> bool:
+        source = json.loads((ir_dir / name / "config.json").read_text())["source"]
+        return overwrite or not _part_complete(output_dir / name, source=source, quantization=scheme)
+
+    parts = config["parts"]
+    for name in tqdm([p for p in WEIGHT_ONLY_PARTS if pending(p, WEIGHT_ONLY_SCHEME)], desc="INT8 weights"):
+        _compress_part(ir_dir / name, output_dir / name, WEIGHT_ONLY_SCHEME, lambda m: nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT8_ASYM))
+    denoisers = [name for name in ACTIVATION_PARTS if name in parts and pending(name, ACTIVATION_SCHEME)]
+    if denoisers:
+        samples = collect_calibration_data(ir_dir, calibration, subset_size, calibration_size, calibration_size, device)
+        for name in tqdm(denoisers, desc="INT8 weights and activations"):
+            if not samples[name]:
+                raise ValueError(f"no calibration data reached the {name}: give at least one generation that uses it")
+            _compress_part(ir_dir / name, output_dir / name, ACTIVATION_SCHEME, lambda m, s=samples[name][:subset_size]: _quantize_denoiser(m, s))
+        del samples
+    for name in ASSET_NAMES:
+        with _atomic_dir(output_dir / name) as tmp:
+            shutil.copytree(ir_dir / name, tmp, dirs_exist_ok=True)
+    _write_json_atomic(output_dir / PIPELINE_CONFIG, {**config, "parts": parts, "quantized_from": str(ir_dir)})
+    return ir_sizes(output_dir)
 
 
 # --------------------------------------------------------------------------------------------------
