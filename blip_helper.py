@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ __all__ = [
     "example_images",
     "image_difference",
     "show_images",
+    "markdown_table",
+    "time_unet_step",
     "compress_pipeline",
     "collect_calibration_data",
     "default_calibration",
@@ -1148,6 +1151,33 @@ def image_difference(reference, other) -> dict[str, float]:
     mse = float(np.mean(diff**2))
     psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "psnr_db": psnr}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; floats are shown with 3 significant digits."""
+
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def time_unet_step(pipe: OVBlipDiffusionPipeline, height: int = 512, width: int = 512, guidance_scale: float = 7.5, repeats: int = 3) -> float:
+    """Seconds per UNet call at this size (the fastest of ``repeats``), on random inputs of the right shapes."""
+    model_batch = 2 if guidance_scale > 1 else 1
+    shapes = pipe._denoiser_shapes(model_batch, height, width)
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+    inputs["timestep"] = np.array([500], dtype=np.int64)
+    pipe.unet(**inputs)  # compiles for these shapes if needed
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipe.unet(**inputs)
+        timings.append(time.perf_counter() - start)
+    return min(timings)
 
 
 def show_images(images: Sequence, titles: Sequence[str] = (), columns: int | None = None, size: float = 4.0):
