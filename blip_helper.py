@@ -1173,3 +1173,230 @@ def show_images(images: Sequence, titles: Sequence[str] = (), columns: int | Non
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+#
+#   python blip_helper.py convert --model Salesforce/blipdiffusion \
+#       --controlnet-model Salesforce/blipdiffusion-controlnet --output ir/blipdiffusion
+#   python blip_helper.py generate --models ir/blipdiffusion --reference dog.jpg --source-category dog \
+#       --target-category dog --prompt "swimming underwater" --output dog.png
+#
+# Errors end as one line on stderr: exit status 2 for bad arguments, 1 when the command fails.
+
+import argparse
+import sys
+
+DEFAULT_SEED = 88888  # the notebook's
+NO_COMPRESS_PIPELINE = "blip_helper has no compress_pipeline yet"
+_CONTROL_MAPS = {"canny": canny_map, "scribble": scribble_map}
+
+
+def _compress_pipeline():
+    """The NNCF INT8 compression of the section above, or None while this module has none."""
+    return globals().get("compress_pipeline")
+
+
+def _status(message: str) -> None:
+    # On stdout: stderr is kept for progress bars and the one-line error.
+    print(message, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    message = " ".join(str(err).split()) or type(err).__name__
+    # ValueError / OSError messages of this module say what is wrong; name the type of anything else.
+    return message if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {message}"
+
+
+def _open_image(path: Path, argument: str) -> PIL.Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no image file at {path}")
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except PIL.UnidentifiedImageError as err:
+        raise OSError(f"{argument}: {path} is not an image file PIL can read") from err
+    return image
+
+
+# -- argument types: a bad value is reported by argparse as "argument --NAME: ..." with exit status 2
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _image_side(text: str) -> int:
+    if not text.isdigit() or int(text) == 0 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (pixels), got {text!r}")
+    return int(text)
+
+
+def _guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (<= 1 disables classifier-free guidance), got {text!r}")
+    return value
+
+
+def _image_output(text: str) -> Path:
+    # Checked before generating, so that a typo does not cost a whole generation.
+    extensions = PIL.Image.registered_extensions()
+    if Path(text).suffix.lower() not in extensions:
+        raise argparse.ArgumentTypeError(f"{text!r} has no image extension PIL knows; use .png, .jpg, .webp, ...")
+    return Path(text)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line that points to --help, instead of a usage block and a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="blip_helper.py",
+        description="BLIP-Diffusion on OpenVINO: convert the diffusers pipelines, generate images.",
+        epilog="Run 'blip_helper.py COMMAND --help' for the options of a command.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, title="commands")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a diffusers BLIP-Diffusion pipeline to an OpenVINO IR directory",
+        description="Convert a BLIP-Diffusion pipeline (and optionally its ControlNet) to an OpenVINO IR directory "
+        "with FP16 weights. Parts already converted from the same architecture are kept.",
+    )
+    convert.add_argument("--model", required=True, metavar="ID_OR_DIR", help=f"hub id or local directory of the pipeline, e.g. {DEFAULT_MODEL}")
+    convert.add_argument(
+        "--controlnet-model", metavar="ID_OR_DIR", help=f"also convert the ControlNet of this pipeline, e.g. {DEFAULT_CONTROLNET_MODEL}"
+    )
+    convert.add_argument("--output", required=True, type=Path, metavar="DIR", help="the IR directory to write")
+    convert.add_argument("--int8", action="store_true", help="compress the weights to INT8 with NNCF (compress_pipeline)")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="convert again the parts already in DIR (needed for another checkpoint of the same architecture)"
+    )
+    convert.set_defaults(handler=_command_convert)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate an image of a subject with the OpenVINO pipeline",
+        description="Draw the subject of a reference image in a new scene, optionally following the edges (canny) "
+        "or a scribble of a conditioning image (needs an IR directory converted with --controlnet-model).",
+    )
+    generate.add_argument("--models", required=True, type=Path, metavar="DIR", help="an IR directory written by 'convert'")
+    generate.add_argument("--reference", required=True, type=Path, metavar="IMG", help="image of the subject")
+    generate.add_argument("--source-category", required=True, metavar="TEXT", help="what the reference shows, e.g. dog")
+    generate.add_argument("--target-category", required=True, metavar="TEXT", help="what to draw the subject as, usually the same")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help='the new scene, e.g. "swimming underwater"')
+    generate.add_argument("--control", choices=sorted(_CONTROL_MAPS), help="turn --conditioning into this control map for the ControlNet")
+    generate.add_argument("--conditioning", type=Path, metavar="IMG", help="image whose structure to follow (with --control)")
+    generate.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the initial noise (default: %(default)s)")
+    generate.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=_guidance_scale, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    generate.add_argument("--height", type=_image_side, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    generate.add_argument("--width", type=_image_side, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    generate.add_argument("--negative", default=DEFAULT_NEGATIVE_PROMPT, metavar="TEXT", help="negative prompt (default: diffusers' example)")
+    generate.add_argument("--device", default="CPU", help="OpenVINO device (default: %(default)s)")
+    generate.add_argument("--output", required=True, type=_image_output, metavar="PNG", help="where to save the image")
+    generate.set_defaults(handler=_command_generate, parser=generate)
+
+    return parser
+
+
+def _quiet_library_notices() -> None:
+    # diffusers' notices for library developers (BLIP-Diffusion is deprecated, accelerate is not installed)
+    # would bury the command's own output; real errors still surface as exceptions.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, 1 when the command fails, 2 for bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_library_notices()
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user, never a traceback
+        print(f"{parser.prog} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _command_convert(args) -> None:
+    compress = _compress_pipeline()
+    if args.int8 and compress is None:  # before the conversion, which takes minutes
+        raise ValueError(f"--int8: {NO_COMPRESS_PIPELINE}; convert without --int8")
+    _status(f"Loading {args.model}")
+    pipe = load_pipeline(args.model)
+    controlnet_pipe = None
+    if args.controlnet_model:
+        _status(f"Loading {args.controlnet_model}")
+        controlnet_pipe = load_pipeline(args.controlnet_model, controlnet=True)
+    if args.int8:
+        import tempfile
+
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        # The FP16 IR is only the input of the compression: DIR receives the INT8 IR alone.
+        with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=f".{args.output.name}.fp16-") as fp16_dir:
+            convert_pipeline(pipe, fp16_dir, controlnet_pipe=controlnet_pipe)
+            del pipe, controlnet_pipe
+            gc.collect()
+            _status("Compressing the weights to INT8")
+            compress(fp16_dir, args.output)
+    else:
+        convert_pipeline(pipe, args.output, controlnet_pipe=controlnet_pipe, overwrite=args.overwrite)
+    sizes = ir_sizes(args.output)
+    print(f"Wrote {args.output}: " + ", ".join(f"{part} {size / 2**20:.1f} MiB" for part, size in sizes.items()))
+
+
+def _command_generate(args) -> None:
+    if (args.control is None) != (args.conditioning is None):
+        given, missing = ("--control", "--conditioning IMG") if args.control else ("--conditioning", "--control canny|scribble")
+        args.parser.error(f"argument {given}: needs {missing} too")
+    reference = _open_image(args.reference, "--reference")
+    control_map = None
+    if args.control:
+        control_map = _CONTROL_MAPS[args.control](_open_image(args.conditioning, "--conditioning"))
+    pipe = OVBlipDiffusionPipeline.from_pretrained(args.models, device=args.device)
+    if control_map is not None and not pipe.has_controlnet:
+        raise ValueError(f"--control needs an IR directory with a ControlNet; {args.models} has none (convert with --controlnet-model)")
+    _status(f"Compiling for {args.width}x{args.height} on {args.device} (fast once cached in {pipe.ov_config['CACHE_DIR']})")
+    pipe.compile(height=args.height, width=args.width, guidance_scale=args.guidance)
+    pipe.set_progress_bar_config(desc="Denoising")
+    image = pipe(
+        args.prompt,
+        reference,
+        args.source_category,
+        args.target_category,
+        conditioning_image=control_map,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        neg_prompt=args.negative,
+    ).images[0]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.output)
+    print(f"Saved {args.output} ({image.width}x{image.height})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
