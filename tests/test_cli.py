@@ -1,11 +1,12 @@
-"""The command line (`python blip_helper.py convert|generate`) on tiny random pipelines.
+"""The command line (`python blip_helper.py convert|generate|benchmark`) on tiny random pipelines.
 
 Most tests call `blip_helper.main()` in this process, which saves a Python start-up (torch, diffusers
-and OpenVINO imports) per test; one error check runs the real script.
+and OpenVINO imports) per test; the benchmark and the error checks run the real script.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -45,10 +46,11 @@ def generate_args(ir_dir, tmp_path, *extra) -> list:
 # --------------------------------------------------------------------------------------------- help
 
 HELP = {
-    "": ["convert", "generate"],
+    "": ["convert", "generate", "benchmark"],
     "convert": ["--model", "--controlnet-model", "--output", "--int8"],
     "generate": ["--models", "--reference", "--source-category", "--target-category", "--prompt", "--control",
                  "--conditioning", "--seed", "--steps", "--guidance", "--height", "--width", "--negative", "--device", "--output"],
+    "benchmark": ["--model", "--controlnet-model", "--spec", "--steps", "--height", "--width", "--work-dir", "--json"],
 }  # fmt: skip
 
 
@@ -59,6 +61,7 @@ def test_help_of_each_command(command, capsys):
     assert out.startswith(f"usage: blip_helper.py {command}".rstrip())
     for option in HELP[command]:
         assert option in out
+    assert "benchmark-worker" not in out  # the benchmark's internal command stays out of sight
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -119,12 +122,15 @@ BAD_COMMANDS = {
     "image without control": (["GENERATE", "--conditioning", "c.png", "--output", "o.png"], 2, "argument --conditioning: needs --control"),
     "output not an image": (["GENERATE", "--output", "o.txt"], 2, "argument --output: 'o.txt' has no image extension"),
     "no output": (["GENERATE"], 2, "required: --output"),
+    "model and spec": (["benchmark", "--model", "m", "--spec", "tiny"], 2, "argument --spec: not allowed with argument --model"),
+    "controlnet without model": (["benchmark", "--controlnet-model", "m"], 2, "argument --controlnet-model: needs --model"),
     "missing reference": (["GENERATE", "--reference", "MISSING", "--output", "o.png"], 1, "--reference: no image file at"),
     "reference not an image": (["GENERATE", "--reference", ROOT / "README.md", "--output", "o.png"], 1, "is not an image file"),
     "missing IR directory": (["GENERATE", "--models", "MISSING", "--output", "o.png"], 1, "No IR directory at"),
     "control without ControlNet": (["GENERATE", "--models", "BASE_ONLY", "--control", "canny", "--conditioning", "REFERENCE", "--output", "o.png"],
                                    1, "--control needs an IR directory with a ControlNet"),
     "missing model": (["convert", "--model", "./no/such/model", "--output", "ir"], 1, "Could not load the model './no/such/model'"),
+    "missing benchmark model": (["benchmark", "--model", "./no/such/model"], 1, "Could not load the model './no/such/model'"),
 }  # fmt: skip
 
 
@@ -150,3 +156,60 @@ def test_the_script_reports_a_failure_in_one_line_without_traceback(tmp_path):
     assert process.returncode == 1
     assert process.stderr.startswith("blip_helper.py convert: error: Could not load the model")
     assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr, process.stderr
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_quick_mode_on_tiny_pipelines(tmp_path):
+    json_path = tmp_path / "results.json"
+    process = run_script(
+        "benchmark", "--spec", "tiny", "--steps", "2", "--height", "64", "--width", "64",
+        "--work-dir", tmp_path / "work", "--json", json_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads(json_path.read_text())
+
+    assert results["failures"] == {}
+    assert results["settings"] | {"model": None, "controlnet_model": None} == {
+        "steps": 2, "height": 64, "width": 64, "seed": blip_helper.DEFAULT_SEED, "guidance": 7.5, "device": "CPU",
+        "model": None, "controlnet_model": None, "spec": "tiny",
+    }  # fmt: skip
+    machine = results["machine"]
+    assert machine["cpu"] and machine["logical_cores"] >= 1 and machine["ram_bytes"] > 0
+    assert machine["versions"]["openvino"] and machine["versions"]["torch"]
+
+    conversion = results["conversion"]
+    assert conversion["convert_s"] > 0 and conversion["peak_rss_bytes"] > 0
+    assert set(conversion["ir_sizes"]) == {*blip_helper.PART_NAMES, "total"}
+
+    configurations = results["configurations"]
+    assert list(configurations) == list(blip_helper.BENCHMARK_CONFIGURATIONS)
+    measured = list(configurations)
+    if not hasattr(blip_helper, "compress_pipeline"):
+        assert configurations["openvino-int8"] == {"skipped": blip_helper.NO_COMPRESS_PIPELINE}
+        assert results["compression"] == {"skipped": blip_helper.NO_COMPRESS_PIPELINE}
+        measured.remove("openvino-int8")
+    for name in measured:
+        row = configurations[name]
+        for key in ("unet_step_s", "image_s", "controlnet_step_s", "controlnet_image_s"):
+            assert row[key] > 0, (name, key)
+        assert row["unet_step_s"] < row["image_s"] and row["controlnet_step_s"] < row["controlnet_image_s"]
+        # PNDM makes 3 UNet calls for 2 steps; each one is timed.
+        assert row["unet_steps_timed"] == row["controlnet_steps_timed"] == 3
+        # The worker's own peak (the tiny models add little to the libraries' hundreds of MiB).
+        assert 100 * 2**20 < row["peak_rss_bytes"] < 8 * 2**30, name
+        if name.startswith("openvino"):
+            assert row["compile_cold_s"] > 0 and row["compile_warm_s"] > 0 and row["compile_cold_peak_rss_bytes"] > 0
+            assert row["ir_size_bytes"] > 0 and row["inference_precision"]
+    assert configurations["openvino"]["ir_size_bytes"] == conversion["ir_sizes"]["total"]
+    for name in measured:
+        assert results["ratios"][name]["pytorch-fp32"]["unet_step_speedup"] > 0
+        assert results["ratios"][name]["pytorch-bf16"]["memory_ratio"] > 0
+    assert results["ratios"]["pytorch-fp32"]["pytorch-fp32"]["image_speedup"] == 1
+
+    report = process.stdout
+    assert "| configuration | s / UNet step | s / image | s / image, ControlNet | peak memory, MiB | IR size, MiB" in report
+    for label in ("PyTorch FP32", "PyTorch bf16 autocast", "OpenVINO, FP16 weights", "OpenVINO, INT8 weights", machine["cpu"]):
+        assert label in report
+    assert f"Results written to {json_path}" in report
