@@ -1361,3 +1361,801 @@ def compress_pipeline(
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+#
+#   python blip_helper.py convert --model Salesforce/blipdiffusion \
+#       --controlnet-model Salesforce/blipdiffusion-controlnet --output ir/blipdiffusion
+#   python blip_helper.py generate --models ir/blipdiffusion --reference dog.jpg --source-category dog \
+#       --target-category dog --prompt "swimming underwater" --output dog.png
+#   python blip_helper.py benchmark            # PyTorch FP32 / bf16 vs OpenVINO (/ INT8), see the README
+#
+# Errors end as one line on stderr: exit status 2 for bad arguments, 1 when the command fails.
+
+import argparse
+import functools
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_SEED = 88888  # the notebook's
+BENCHMARK_CONFIGURATIONS = ("pytorch-fp32", "pytorch-bf16", "openvino", "openvino-int8")
+NO_COMPRESS_PIPELINE = "blip_helper has no compress_pipeline yet"
+_CONTROL_MAPS = {"canny": canny_map, "scribble": scribble_map}
+
+
+def _compress_pipeline():
+    """The NNCF INT8 compression of the section above, or None while this module has none."""
+    return globals().get("compress_pipeline")
+
+
+def _status(message: str) -> None:
+    # On stdout: stderr is kept for progress bars and the one-line error.
+    print(message, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    message = " ".join(str(err).split()) or type(err).__name__
+    # ValueError / OSError messages of this module say what is wrong; name the type of anything else.
+    return message if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {message}"
+
+
+def _open_image(path: Path, argument: str) -> PIL.Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no image file at {path}")
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except PIL.UnidentifiedImageError as err:
+        raise OSError(f"{argument}: {path} is not an image file PIL can read") from err
+    return image
+
+
+# -- argument types: a bad value is reported by argparse as "argument --NAME: ..." with exit status 2
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _image_side(text: str) -> int:
+    if not text.isdigit() or int(text) == 0 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (pixels), got {text!r}")
+    return int(text)
+
+
+def _guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (<= 1 disables classifier-free guidance), got {text!r}")
+    return value
+
+
+def _image_output(text: str) -> Path:
+    # Checked before generating, so that a typo does not cost a whole generation.
+    extensions = PIL.Image.registered_extensions()
+    if Path(text).suffix.lower() not in extensions:
+        raise argparse.ArgumentTypeError(f"{text!r} has no image extension PIL knows; use .png, .jpg, .webp, ...")
+    return Path(text)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line that points to --help, instead of a usage block and a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="blip_helper.py",
+        description="BLIP-Diffusion on OpenVINO: convert the diffusers pipelines, generate images, benchmark.",
+        epilog="Run 'blip_helper.py COMMAND --help' for the options of a command.",
+    )
+    # The metavar leaves out the hidden benchmark-worker command.
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="{convert,generate,benchmark}")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a diffusers BLIP-Diffusion pipeline to an OpenVINO IR directory",
+        description="Convert a BLIP-Diffusion pipeline (and optionally its ControlNet) to an OpenVINO IR directory "
+        "with FP16 weights. Parts already converted from the same architecture are kept.",
+    )
+    convert.add_argument("--model", required=True, metavar="ID_OR_DIR", help=f"hub id or local directory of the pipeline, e.g. {DEFAULT_MODEL}")
+    convert.add_argument(
+        "--controlnet-model", metavar="ID_OR_DIR", help=f"also convert the ControlNet of this pipeline, e.g. {DEFAULT_CONTROLNET_MODEL}"
+    )
+    convert.add_argument("--output", required=True, type=Path, metavar="DIR", help="the IR directory to write")
+    convert.add_argument("--int8", action="store_true", help="compress the weights to INT8 with NNCF (compress_pipeline)")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="convert again the parts already in DIR (needed for another checkpoint of the same architecture)"
+    )
+    convert.set_defaults(handler=_command_convert)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate an image of a subject with the OpenVINO pipeline",
+        description="Draw the subject of a reference image in a new scene, optionally following the edges (canny) "
+        "or a scribble of a conditioning image (needs an IR directory converted with --controlnet-model).",
+    )
+    generate.add_argument("--models", required=True, type=Path, metavar="DIR", help="an IR directory written by 'convert'")
+    generate.add_argument("--reference", required=True, type=Path, metavar="IMG", help="image of the subject")
+    generate.add_argument("--source-category", required=True, metavar="TEXT", help="what the reference shows, e.g. dog")
+    generate.add_argument("--target-category", required=True, metavar="TEXT", help="what to draw the subject as, usually the same")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help='the new scene, e.g. "swimming underwater"')
+    generate.add_argument("--control", choices=sorted(_CONTROL_MAPS), help="turn --conditioning into this control map for the ControlNet")
+    generate.add_argument("--conditioning", type=Path, metavar="IMG", help="image whose structure to follow (with --control)")
+    generate.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the initial noise (default: %(default)s)")
+    generate.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=_guidance_scale, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    generate.add_argument("--height", type=_image_side, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    generate.add_argument("--width", type=_image_side, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    generate.add_argument("--negative", default=DEFAULT_NEGATIVE_PROMPT, metavar="TEXT", help="negative prompt (default: diffusers' example)")
+    generate.add_argument("--device", default="CPU", help="OpenVINO device (default: %(default)s)")
+    generate.add_argument("--output", required=True, type=_image_output, metavar="PNG", help="where to save the image")
+    generate.set_defaults(handler=_command_generate, parser=generate)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="compare PyTorch FP32, PyTorch bf16, OpenVINO and OpenVINO INT8",
+        description="Measure diffusers on PyTorch (FP32 and bf16 autocast), the OpenVINO pipeline and its INT8 "
+        "compression side by side: seconds per UNet step and per image (with and without ControlNet), peak memory, "
+        "IR size, compile time with a cold and a warm model cache, and the conversion. Each measurement runs in its "
+        "own process. By default the models are the published full-size architecture with random weights "
+        "(built with tests/pipeline_builder.py): the cost of a forward pass does not depend on the weights.",
+    )
+    source = benchmark.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="ID_OR_DIR", help="measure this pipeline instead of random weights")
+    source.add_argument(
+        "--spec", choices=("full_size", "tiny"), help="architecture of the random pipelines (default: full_size; tiny: a quick check)"
+    )
+    benchmark.add_argument("--controlnet-model", metavar="ID_OR_DIR", help="with --model: the ControlNet pipeline to measure too")
+    benchmark.add_argument("--steps", type=_int_at_least(1), default=3, help="denoising steps per image (default: %(default)s)")
+    benchmark.add_argument("--height", type=_image_side, default=512, help="pixels (default: %(default)s)")
+    benchmark.add_argument("--width", type=_image_side, default=512, help="pixels (default: %(default)s)")
+    benchmark.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the initial noise (default: %(default)s)")
+    benchmark.add_argument("--guidance", type=_guidance_scale, default=7.5, help="guidance scale (default: %(default)s)")
+    benchmark.add_argument("--device", default="CPU", help="OpenVINO device (default: %(default)s)")
+    benchmark.add_argument(
+        "--work-dir", type=Path, default=Path("bench_out"), metavar="DIR", help="models, IR and caches go here (default: %(default)s)"
+    )
+    benchmark.add_argument("--json", type=Path, metavar="PATH", help="where to write the results (default: WORK_DIR/benchmark.json)")
+    benchmark.set_defaults(handler=_command_benchmark, parser=benchmark)
+
+    # Not listed: one measurement of the benchmark, run in a process of its own.
+    worker = commands.add_parser("benchmark-worker")
+    worker.add_argument("--config", required=True, help="the measurement, as JSON")
+    worker.add_argument("--result", required=True, type=Path, help="where to write its result, as JSON")
+    worker.set_defaults(handler=_command_benchmark_worker)
+    return parser
+
+
+def _quiet_library_notices() -> None:
+    # diffusers' notices for library developers (BLIP-Diffusion is deprecated, accelerate is not installed)
+    # would bury the command's own output; real errors still surface as exceptions.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, 1 when the command fails, 2 for bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_library_notices()
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user, never a traceback
+        print(f"{parser.prog} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _command_convert(args) -> None:
+    compress = _compress_pipeline()
+    if args.int8 and compress is None:  # before the conversion, which takes minutes
+        raise ValueError(f"--int8: {NO_COMPRESS_PIPELINE}; convert without --int8")
+    _status(f"Loading {args.model}")
+    pipe = load_pipeline(args.model)
+    controlnet_pipe = None
+    if args.controlnet_model:
+        _status(f"Loading {args.controlnet_model}")
+        controlnet_pipe = load_pipeline(args.controlnet_model, controlnet=True)
+    if args.int8:
+        import tempfile
+
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        # The FP16 IR is only the input of the compression: DIR receives the INT8 IR alone.
+        with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=f".{args.output.name}.fp16-") as fp16_dir:
+            convert_pipeline(pipe, fp16_dir, controlnet_pipe=controlnet_pipe)
+            del pipe, controlnet_pipe
+            gc.collect()
+            _status("Compressing the weights to INT8")
+            compress(fp16_dir, args.output)
+    else:
+        convert_pipeline(pipe, args.output, controlnet_pipe=controlnet_pipe, overwrite=args.overwrite)
+    sizes = ir_sizes(args.output)
+    print(f"Wrote {args.output}: " + ", ".join(f"{part} {size / 2**20:.1f} MiB" for part, size in sizes.items()))
+
+
+def _command_generate(args) -> None:
+    if (args.control is None) != (args.conditioning is None):
+        given, missing = ("--control", "--conditioning IMG") if args.control else ("--conditioning", "--control canny|scribble")
+        args.parser.error(f"argument {given}: needs {missing} too")
+    reference = _open_image(args.reference, "--reference")
+    control_map = None
+    if args.control:
+        control_map = _CONTROL_MAPS[args.control](_open_image(args.conditioning, "--conditioning"))
+    pipe = OVBlipDiffusionPipeline.from_pretrained(args.models, device=args.device)
+    if control_map is not None and not pipe.has_controlnet:
+        raise ValueError(f"--control needs an IR directory with a ControlNet; {args.models} has none (convert with --controlnet-model)")
+    _status(f"Compiling for {args.width}x{args.height} on {args.device} (fast once cached in {pipe.ov_config['CACHE_DIR']})")
+    pipe.compile(height=args.height, width=args.width, guidance_scale=args.guidance)
+    pipe.set_progress_bar_config(desc="Denoising")
+    image = pipe(
+        args.prompt,
+        reference,
+        args.source_category,
+        args.target_category,
+        conditioning_image=control_map,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        neg_prompt=args.negative,
+    ).images[0]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.output)
+    print(f"Saved {args.output} ({image.width}x{image.height})")
+
+
+# -- benchmark: the parent plans the measurements and runs each one in a `benchmark-worker` process
+
+
+def _command_benchmark(args) -> None:
+    if args.controlnet_model and not args.model:
+        args.parser.error("argument --controlnet-model: needs --model (the random pipelines include a ControlNet)")
+    json_path = args.json or args.work_dir / "benchmark.json"
+    results = run_benchmark(
+        args.work_dir,
+        model=args.model,
+        controlnet_model=args.controlnet_model,
+        spec=args.spec or "full_size",
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        guidance=args.guidance,
+        device=args.device,
+    )
+    print(benchmark_report(results))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(f"\nResults written to {json_path}")
+    if results["failures"]:
+        raise RuntimeError(
+            f"{len(results['failures'])} benchmark step(s) failed: {', '.join(results['failures'])} (see the notes above and {json_path})"
+        )
+
+
+def run_benchmark(
+    work_dir: str | os.PathLike = "bench_out",
+    model: str | None = None,
+    controlnet_model: str | None = None,
+    spec: str = "full_size",
+    steps: int = 3,
+    height: int = 512,
+    width: int = 512,
+    seed: int = DEFAULT_SEED,
+    guidance: float = 7.5,
+    device: str = "CPU",
+) -> dict:
+    """Measure PyTorch FP32, PyTorch bf16 autocast, OpenVINO and OpenVINO INT8 side by side; return the results.
+
+    Without ``model``, random pipelines of the ``spec`` architecture (``configs/``) are built in
+    ``work_dir`` first. Each step (build, conversion, compression, and each configuration's
+    measurement) runs in a process of its own, so that its peak memory is its own. A failed step is
+    recorded in ``results["failures"]``; the steps that need it are skipped.
+    """
+    work_dir = Path(work_dir).resolve()
+    ir_dir, int8_dir = work_dir / "ir", work_dir / "ir-int8"
+    settings = {"steps": steps, "height": height, "width": width, "seed": seed, "guidance": guidance, "device": device}
+    given_models = {"model": model, "controlnet_model": controlnet_model}
+    steps_to_run = []
+    if model is None:
+        models_dir = work_dir / f"random-{spec}"  # one folder per spec: build_pipelines keeps what is there
+        models = {"model": str(models_dir / "blipdiffusion"), "controlnet_model": str(models_dir / "blipdiffusion-controlnet")}
+        steps_to_run.append({"name": "build", "kind": "build", "output_dir": str(models_dir), "spec": spec})
+    else:
+        # Here, once: a missing model fails at once, and a hub model is downloaded before the workers need it.
+        models = {"model": str(_resolve_model_dir(model))}
+        models["controlnet_model"] = str(_resolve_model_dir(controlnet_model)) if controlnet_model else None
+    steps_to_run += [
+        {"name": "convert", "kind": "convert", **models, "ir_dir": str(ir_dir), "needs": ["build"]},
+        {"name": "compress", "kind": "compress", "ir_dir": str(ir_dir), "output_dir": str(int8_dir), "needs": ["convert"]},
+        {"name": "pytorch-fp32", "kind": "pytorch", **models, **settings, "bf16": False, "needs": ["build"]},
+        {"name": "pytorch-bf16", "kind": "pytorch", **models, **settings, "bf16": True, "needs": ["build"]},
+    ]
+    for name, directory, source in (("openvino", ir_dir, "convert"), ("openvino-int8", int8_dir, "compress")):
+        openvino = {"kind": "openvino", "ir_dir": str(directory), "cache_dir": str(work_dir / "cache" / name), **settings}
+        steps_to_run += [
+            {"name": f"{name}-compile-cold", **openvino, "cold": True, "needs": [source]},
+            {"name": name, **openvino, "cold": False, "needs": [source, f"{name}-compile-cold"]},
+        ]
+
+    outcomes: dict[str, dict] = {}
+    with tqdm(steps_to_run, desc="Benchmark", unit="step") as progress:
+        for step in progress:
+            progress.set_postfix_str(step["name"])
+            blocked = [need for need in step.get("needs", []) if need in outcomes and not _succeeded(outcomes[need])]
+            if blocked:  # its cause was reported when it happened
+                outcomes[step["name"]] = {"skipped": outcomes[blocked[0]].get("skipped") or f"{blocked[0]} failed"}
+                continue
+            if step["kind"] == "compress" and _compress_pipeline() is None:
+                outcome = {"skipped": NO_COMPRESS_PIPELINE}
+            else:
+                outcome = _run_worker(step, work_dir / "results" / f"{step['name']}.json")
+            if not _succeeded(outcome):
+                status = "failed" if "error" in outcome else "skipped"
+                progress.write(f"{step['name']}: {status}: {outcome.get('error') or outcome['skipped']}")
+            outcomes[step["name"]] = outcome
+
+    configurations = {name: outcomes[name] for name in ("pytorch-fp32", "pytorch-bf16")}
+    for name, directory in (("openvino", ir_dir), ("openvino-int8", int8_dir)):
+        cold, warm = outcomes[f"{name}-compile-cold"], outcomes[name]
+        configurations[name] = warm
+        if _succeeded(warm):
+            configurations[name] = {
+                **{key: value for key, value in warm.items() if key != "compile_s"},
+                "compile_cold_s": cold["compile_s"],
+                "compile_cold_peak_rss_bytes": cold["peak_rss_bytes"],
+                "compile_warm_s": warm["compile_s"],
+                "ir_size_bytes": ir_sizes(directory)["total"],
+            }
+    return {
+        "machine": machine_info(device),
+        "settings": {**settings, **(given_models if model else models), "spec": None if model else spec},
+        "build": outcomes.get("build"),
+        "conversion": outcomes["convert"],
+        "compression": outcomes["compress"],
+        "configurations": configurations,
+        "ratios": _benchmark_ratios(configurations),
+        "failures": {name: outcome["error"] for name, outcome in outcomes.items() if "error" in outcome},
+    }
+
+
+def _succeeded(outcome: dict) -> bool:
+    return "error" not in outcome and "skipped" not in outcome
+
+
+def _run_worker(step: dict, result_file: Path) -> dict:
+    """Run one benchmark step in a fresh Python process; return what it measured, or {"error": ...}."""
+    import signal
+
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "benchmark-worker", "--config", json.dumps(step), "--result", str(result_file)]
+    start = time.perf_counter()
+    # Output captured: the workers' progress bars and notices would garble the benchmark's progress bar.
+    process = subprocess.run(command, capture_output=True, text=True)
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        if "error" not in result:
+            result["time_s"] = time.perf_counter() - start  # the whole step, process start included
+        return result
+    if process.returncode < 0:
+        signal_name = signal.Signals(-process.returncode).name
+        hint = " (out of memory?)" if process.returncode == -signal.SIGKILL else ""
+        return {"error": f"the worker process was killed by {signal_name}{hint}"}
+    last_lines = [line for line in process.stderr.splitlines() if line.strip()][-1:]
+    return {"error": f"the worker process exited with status {process.returncode}: {' '.join(last_lines) or 'no output'}"}
+
+
+def _command_benchmark_worker(args) -> int:
+    config = json.loads(args.config)
+    measure = {
+        "build": _measure_build,
+        "convert": _measure_conversion,
+        "compress": _measure_compression,
+        "pytorch": _measure_pytorch,
+        "openvino": _measure_openvino,
+    }[config["kind"]]
+    try:
+        result = measure(config)
+    except Exception as err:  # reported by the parent, in its table
+        result = {"error": _one_line(err)}
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    _write_json_atomic(args.result, result)
+    return 1 if "error" in result else 0
+
+
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process, in bytes.
+
+    On Linux this is VmHWM from /proc/self/status rather than ``ru_maxrss``: a child's ``ru_maxrss``
+    starts at its parent's peak (the kernel carries it over on exec), so a worker would report at
+    least the benchmark process's own memory.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _load_pipeline_builder():
+    """tests/pipeline_builder.py, imported by its path: a tool of the repository, not a package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "tests" / "pipeline_builder.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"random pipelines are built by {path}, which is missing (it comes with the repository); "
+            "pass --model to benchmark a model instead"
+        )
+    spec = importlib.util.spec_from_file_location("pipeline_builder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _measure_build(config: dict) -> dict:
+    base_dir, controlnet_dir = _load_pipeline_builder().build_pipelines(config["output_dir"], config["spec"])
+    return {"model": str(base_dir), "controlnet_model": str(controlnet_dir)}
+
+
+def _measure_conversion(config: dict) -> dict:
+    ir_dir = Path(config["ir_dir"])
+    shutil.rmtree(ir_dir, ignore_errors=True)  # convert every part: convert_pipeline would keep parts already there
+    start = time.perf_counter()
+    pipe = load_pipeline(config["model"])
+    controlnet_pipe = load_pipeline(config["controlnet_model"], controlnet=True) if config["controlnet_model"] else None
+    loaded = time.perf_counter()
+    sizes = convert_pipeline(pipe, ir_dir, controlnet_pipe=controlnet_pipe)
+    return {"load_s": loaded - start, "convert_s": time.perf_counter() - loaded, "ir_sizes": sizes}
+
+
+def _measure_compression(config: dict) -> dict:
+    output_dir = Path(config["output_dir"])
+    shutil.rmtree(output_dir, ignore_errors=True)
+    start = time.perf_counter()
+    _compress_pipeline()(config["ir_dir"], output_dir)
+    return {"compress_s": time.perf_counter() - start, "ir_sizes": ir_sizes(output_dir)}
+
+
+def _benchmark_tasks(config: dict) -> dict[str, dict]:
+    """The notebook's zero-shot and Canny tasks, with the benchmark's size and guidance."""
+    images = example_images()
+    common = {"guidance_scale": config["guidance"], "height": config["height"], "width": config["width"], "neg_prompt": DEFAULT_NEGATIVE_PROMPT}
+    return {
+        "plain": {"prompt": "swimming underwater", "reference_image": images["cat"], "source_subject_category": "cat", "target_subject_category": "cat", **common},
+        "controlnet": {
+            "prompt": "on a marble table",
+            "reference_image": images["cat"],
+            "conditioning_image": canny_map(images["coffee"]),
+            "source_subject_category": "cat",
+            "target_subject_category": "cup",
+            **common,
+        },
+    }
+
+
+class _TimedPart:
+    """Stands in for an OVModelPart and records how long each call takes."""
+
+    def __init__(self, part: OVModelPart, durations: list[float]):
+        self._part, self._durations = part, durations
+
+    def __getattr__(self, name: str):
+        return getattr(self._part, name)
+
+    def __call__(self, **inputs):
+        start = time.perf_counter()
+        try:
+            return self._part(**inputs)
+        finally:
+            self._durations.append(time.perf_counter() - start)
+
+
+@contextmanager
+def _recorded_calls(parts: Sequence[tuple[Any, str]]):
+    """Seconds of every call of each ``getattr(owner, name)`` during the block, one list per part.
+
+    PyTorch modules are timed with forward hooks; OpenVINO parts are swapped for a _TimedPart.
+    """
+    recorded: list[list[float]] = [[] for _ in parts]
+    undo = []
+    for (owner, name), durations in zip(parts, recorded):
+        part = getattr(owner, name)
+        if isinstance(part, torch.nn.Module):
+            starts: list[float] = []
+            pre = part.register_forward_pre_hook(lambda module, inputs, starts=starts: starts.append(time.perf_counter()))
+            post = part.register_forward_hook(
+                lambda module, inputs, output, starts=starts, durations=durations: durations.append(time.perf_counter() - starts.pop())
+            )
+            undo += [pre.remove, post.remove]
+        else:
+            setattr(owner, name, _TimedPart(part, durations))
+            undo.append(functools.partial(setattr, owner, name, part))
+    try:
+        yield recorded
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+# What _time_generation measures, by task: seconds per image, per step (a ControlNet step is ControlNet + UNet),
+# and the number of steps timed.
+_TIMING_KEYS = {
+    "plain": ("image_s", "unet_step_s", "unet_steps_timed"),
+    "controlnet": ("controlnet_image_s", "controlnet_step_s", "controlnet_steps_timed"),
+}
+
+
+def _time_generation(generate, task: dict, config: dict, denoisers: Sequence[tuple[Any, str]]) -> tuple[float, float, int]:
+    """Seconds per image and per denoising step (median), and the number of steps, after a one-step warm-up.
+
+    A step is timed as the calls of the denoisers (ControlNet and UNet) in it, recorded as they run:
+    exact whatever the scheduler adds (PNDM makes 4 UNet calls for 3 steps), and without
+    the second generation and the noise of differencing two step counts.
+    """
+    generate(**task, num_inference_steps=1, generator=torch.Generator().manual_seed(config["seed"]))  # first-call setup
+    with _recorded_calls(denoisers) as calls:
+        start = time.perf_counter()
+        generate(**task, num_inference_steps=config["steps"], generator=torch.Generator().manual_seed(config["seed"]))
+        image_s = time.perf_counter() - start
+    step_times = [sum(durations) for durations in zip(*calls, strict=True)]
+    return image_s, statistics.median(step_times), len(step_times)
+
+
+def _measure_pytorch(config: dict) -> dict:
+    """diffusers in FP32, or under bf16 autocast: the base pipeline, then (freed first) the ControlNet one."""
+    tasks = _benchmark_tasks(config)
+    result = {}
+    runs = [("plain", config["model"])] + ([("controlnet", config["controlnet_model"])] if config["controlnet_model"] else [])
+    for kind, model in runs:
+        controlnet = kind == "controlnet"
+        pipe = load_pipeline(model, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        # output_type "pt": diffusers cannot turn bf16 images into numpy arrays (the same for FP32, for fairness).
+        generate = functools.partial(generate_with_diffusers, pipe, pipe if controlnet else None, output_type="pt")
+        denoisers = [(pipe, "controlnet"), (pipe, "unet")] if controlnet else [(pipe, "unet")]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config["bf16"]):
+            image_s, step_s, step_count = _time_generation(generate, tasks[kind], config, denoisers)
+        result.update(zip(_TIMING_KEYS[kind], (image_s, step_s, step_count)))
+        del pipe, generate, denoisers
+        gc.collect()
+    return result
+
+
+def _measure_openvino(config: dict) -> dict:
+    """Load and compile for the benchmark's size (cold: with an emptied model cache); unless cold, then generate."""
+    cache_dir = Path(config["cache_dir"])
+    if config["cold"]:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    start = time.perf_counter()
+    pipe = OVBlipDiffusionPipeline.from_pretrained(config["ir_dir"], device=config["device"], ov_config={"CACHE_DIR": str(cache_dir)})
+    pipe.compile(height=config["height"], width=config["width"], guidance_scale=config["guidance"])
+    result = {"compile_s": time.perf_counter() - start}  # from_pretrained (reading the IR) + compile
+    if config["cold"]:
+        return result
+    try:
+        precision = pipe.unet._request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+        result["inference_precision"] = precision.get_type_name()
+    except RuntimeError:  # a device without this property
+        result["inference_precision"] = None
+    pipe.set_progress_bar_config(disable=True)
+    tasks = _benchmark_tasks(config)
+    generate = functools.partial(pipe, output_type="np")
+    result.update(zip(_TIMING_KEYS["plain"], _time_generation(generate, tasks["plain"], config, [(pipe, "unet")])))
+    if pipe.has_controlnet:
+        denoisers = [(pipe, "controlnet"), (pipe, "unet")]
+        result.update(zip(_TIMING_KEYS["controlnet"], _time_generation(generate, tasks["controlnet"], config, denoisers)))
+    return result
+
+
+def machine_info(device: str = "CPU") -> dict:
+    """CPU, cores, memory and library versions: what the benchmark's numbers depend on."""
+    import platform
+    from importlib import metadata
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = [line.partition(":")[::2] for line in cpuinfo.splitlines()]
+    fields = [(key.strip(), value.strip()) for key, value in fields]
+    cpu_model = next((value for key, value in fields if key == "model name"), None) or platform.processor() or platform.machine()
+    flags = set(next((value for key, value in fields if key == "flags"), "").split())
+    # A core is a (physical id, core id) pair; /proc/cpuinfo lists one block per logical CPU.
+    physical, core_ids = None, set()
+    for key, value in fields:
+        if key == "physical id":
+            physical = value
+        elif key == "core id":
+            core_ids.add((physical, value))
+    try:
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on Windows
+        ram_bytes = None
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "cpu": cpu_model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": len(core_ids) or None,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # The instructions that decide OpenVINO's and PyTorch's fast paths (bf16 needs AVX512-BF16 or AMX).
+        "cpu_flags": [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if flag in flags],
+        "ram_bytes": ram_bytes,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {package: version(package) for package in ("openvino", "torch", "diffusers", "transformers", "nncf")},
+        "openvino_device": device,
+    }
+    try:
+        core = ov.Core()
+        info["openvino_device_name"] = core.get_property(device, "FULL_DEVICE_NAME")
+        info["openvino_default_precision"] = core.get_property(device, "INFERENCE_PRECISION_HINT").get_type_name()
+    except RuntimeError:  # an unknown device, or one without these properties
+        pass
+    return info
+
+
+_RATIO_METRICS = {"unet_step": "unet_step_s", "image": "image_s", "controlnet_image": "controlnet_image_s"}
+
+
+def _benchmark_ratios(configurations: dict[str, dict]) -> dict[str, dict]:
+    """Speed-ups (PyTorch's seconds / this configuration's) and memory ratios (this peak / PyTorch's)."""
+    ratios = {}
+    for name, row in configurations.items():
+        for baseline_name in ("pytorch-fp32", "pytorch-bf16"):
+            baseline = configurations[baseline_name]
+            entry = {}
+            for label, key in _RATIO_METRICS.items():
+                if row.get(key) and baseline.get(key):
+                    entry[f"{label}_speedup"] = baseline[key] / row[key]
+            if row.get("peak_rss_bytes") and baseline.get("peak_rss_bytes") and _succeeded(row) and _succeeded(baseline):
+                entry["memory_ratio"] = row["peak_rss_bytes"] / baseline["peak_rss_bytes"]
+            ratios.setdefault(name, {})[baseline_name] = entry
+    return ratios
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _mebibytes(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:,.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _configuration_label(name: str, row: dict) -> str:
+    label = {
+        "pytorch-fp32": "PyTorch FP32",
+        "pytorch-bf16": "PyTorch bf16 autocast",
+        "openvino": "OpenVINO, FP16 weights",
+        "openvino-int8": "OpenVINO, INT8 weights",
+    }[name]
+    if row.get("inference_precision"):
+        label += f", {row['inference_precision']} compute"
+    return label
+
+
+def benchmark_report(results: dict) -> str:
+    """The results of :func:`run_benchmark` as Markdown: settings, machine, a table of measurements, ratios, notes."""
+    settings, machine = results["settings"], results["machine"]
+    models = (
+        f"random weights, `{settings['spec']}` architecture (configs/{settings['spec']}.json)"
+        if settings["spec"]
+        else " + ".join(model for model in (settings["model"], settings["controlnet_model"]) if model)
+    )
+    versions = ", ".join(f"{package} {version}" for package, version in machine["versions"].items() if version)
+    ram = f"{machine['ram_bytes'] / 2**30:.1f} GiB RAM" if machine["ram_bytes"] else "RAM unknown"
+    lines = [
+        "## BLIP-Diffusion benchmark",
+        "",
+        f"- Models: {models}",
+        f"- Settings: {settings['width']}x{settings['height']}, {settings['steps']} steps, guidance {settings['guidance']}, "
+        f"seed {settings['seed']}, OpenVINO device {settings['device']}",
+        f"- Machine: {machine['cpu']}, {machine['logical_cores']} logical cores ({machine['physical_cores'] or '?'} physical, "
+        f"{machine['usable_cores']} usable), {ram}, CPU flags: {' '.join(machine['cpu_flags']) or 'none of note'}",
+        f"- Software: Python {machine['python']}, {versions}",
+        "",
+        "| configuration | s / UNet step | s / image | s / image, ControlNet | peak memory, MiB | IR size, MiB "
+        "| compile, cold cache (s) | compile, warm cache (s) |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    notes = []
+    for name, row in results["configurations"].items():
+        label = _configuration_label(name, row)
+        if not _succeeded(row):
+            status = "failed" if "error" in row else "skipped"
+            notes.append(f"- {label}: {status}: {row.get('error') or row.get('skipped')}")
+            lines.append(f"| {label} ({status}) |" + " – |" * 7)
+            continue
+        cells = [
+            _seconds(row.get("unet_step_s")),
+            _seconds(row.get("image_s")),
+            _seconds(row.get("controlnet_image_s")),
+            _mebibytes(row.get("peak_rss_bytes")),
+            _mebibytes(row.get("ir_size_bytes")),
+            _seconds(row.get("compile_cold_s")),
+            _seconds(row.get("compile_warm_s")),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Speed-up: PyTorch's seconds / this configuration's (higher is faster). Memory: this configuration's peak / PyTorch's.",
+        "",
+        "| configuration | UNet step vs FP32 | image vs FP32 | ControlNet image vs FP32 | memory vs FP32 "
+        "| UNet step vs bf16 | image vs bf16 | ControlNet image vs bf16 | memory vs bf16 |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, row in results["configurations"].items():
+        cells = [
+            _times(results["ratios"][name][baseline].get(key))
+            for baseline in ("pytorch-fp32", "pytorch-bf16")
+            for key in ("unet_step_speedup", "image_speedup", "controlnet_image_speedup", "memory_ratio")
+        ]
+        lines.append(f"| {_configuration_label(name, row)} | " + " | ".join(cells) + " |")
+
+    conversion = results["conversion"]
+    if _succeeded(conversion):
+        notes.append(
+            f"- Conversion (load_pipeline + convert_pipeline to FP16 IR{', ControlNet included' if settings['controlnet_model'] else ''}): "
+            f"loading {_seconds(conversion['load_s'])} s, converting {_seconds(conversion['convert_s'])} s, "
+            f"peak memory {_mebibytes(conversion['peak_rss_bytes'])} MiB, IR {_mebibytes(conversion['ir_sizes']['total'])} MiB"
+        )
+    else:
+        notes.append(f"- Conversion: {'failed' if 'error' in conversion else 'skipped'}: {conversion.get('error') or conversion.get('skipped')}")
+    compression = results["compression"]
+    if _succeeded(compression):
+        notes.append(
+            f"- INT8 compression (compress_pipeline): {_seconds(compression['compress_s'])} s, "
+            f"peak memory {_mebibytes(compression['peak_rss_bytes'])} MiB, IR {_mebibytes(compression['ir_sizes']['total'])} MiB"
+        )
+    cold_peaks = [
+        f"{_configuration_label(name, row)} {_mebibytes(row['compile_cold_peak_rss_bytes'])} MiB"
+        for name, row in results["configurations"].items()
+        if "compile_cold_peak_rss_bytes" in row
+    ]
+    if cold_peaks:
+        notes.append(f"- Peak memory of compiling with a cold cache (a process of its own): {'; '.join(cold_peaks)}")
+    notes += [f"- {name} failed: {error}" for name, error in results["failures"].items() if name not in results["configurations"]]
+    return "\n".join(lines + [""] + notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
