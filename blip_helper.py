@@ -1379,13 +1379,7 @@ import time
 
 DEFAULT_SEED = 88888  # the notebook's
 BENCHMARK_CONFIGURATIONS = ("pytorch-fp32", "pytorch-bf16", "openvino", "openvino-int8")
-NO_COMPRESS_PIPELINE = "blip_helper has no compress_pipeline yet"
 _CONTROL_MAPS = {"canny": canny_map, "scribble": scribble_map}
-
-
-def _compress_pipeline():
-    """The NNCF INT8 compression of the section above, or None while this module has none."""
-    return globals().get("compress_pipeline")
 
 
 def _status(message: str) -> None:
@@ -1477,7 +1471,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--controlnet-model", metavar="ID_OR_DIR", help=f"also convert the ControlNet of this pipeline, e.g. {DEFAULT_CONTROLNET_MODEL}"
     )
     convert.add_argument("--output", required=True, type=Path, metavar="DIR", help="the IR directory to write")
-    convert.add_argument("--int8", action="store_true", help="compress the weights to INT8 with NNCF (compress_pipeline)")
+    convert.add_argument("--int8", action="store_true", help="compress to INT8 with NNCF (compress_pipeline); DIR gets the INT8 IR")
+    _add_int8_arguments(convert)
     convert.add_argument(
         "--overwrite", action="store_true", help="convert again the parts already in DIR (needed for another checkpoint of the same architecture)"
     )
@@ -1531,6 +1526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", type=Path, default=Path("bench_out"), metavar="DIR", help="models, IR and caches go here (default: %(default)s)"
     )
     benchmark.add_argument("--json", type=Path, metavar="PATH", help="where to write the results (default: WORK_DIR/benchmark.json)")
+    _add_int8_arguments(benchmark)
     benchmark.set_defaults(handler=_command_benchmark, parser=benchmark)
 
     # Not listed: one measurement of the benchmark, run in a process of its own.
@@ -1566,10 +1562,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _add_int8_arguments(parser) -> None:
+    parser.add_argument(
+        "--int8-subset-size", type=_int_at_least(1), default=64, metavar="N", help="INT8 calibration: recorded UNet inputs used (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--calibration-size", type=_image_side, default=512, metavar="PIXELS", help="INT8 calibration: image size of the calibration generations (default: %(default)s)"
+    )
+
+
 def _command_convert(args) -> None:
-    compress = _compress_pipeline()
-    if args.int8 and compress is None:  # before the conversion, which takes minutes
-        raise ValueError(f"--int8: {NO_COMPRESS_PIPELINE}; convert without --int8")
     _status(f"Loading {args.model}")
     pipe = load_pipeline(args.model)
     controlnet_pipe = None
@@ -1585,8 +1587,8 @@ def _command_convert(args) -> None:
             convert_pipeline(pipe, fp16_dir, controlnet_pipe=controlnet_pipe)
             del pipe, controlnet_pipe
             gc.collect()
-            _status("Compressing the weights to INT8")
-            compress(fp16_dir, args.output)
+            _status("Compressing to INT8")
+            compress_pipeline(fp16_dir, args.output, subset_size=args.int8_subset_size, calibration_size=args.calibration_size)
     else:
         convert_pipeline(pipe, args.output, controlnet_pipe=controlnet_pipe, overwrite=args.overwrite)
     sizes = ir_sizes(args.output)
@@ -1643,6 +1645,8 @@ def _command_benchmark(args) -> None:
         seed=args.seed,
         guidance=args.guidance,
         device=args.device,
+        int8_subset_size=args.int8_subset_size,
+        calibration_size=args.calibration_size,
     )
     print(benchmark_report(results))
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1665,6 +1669,8 @@ def run_benchmark(
     seed: int = DEFAULT_SEED,
     guidance: float = 7.5,
     device: str = "CPU",
+    int8_subset_size: int = 64,
+    calibration_size: int = 512,
 ) -> dict:
     """Measure PyTorch FP32, PyTorch bf16 autocast, OpenVINO and OpenVINO INT8 side by side; return the results.
 
@@ -1675,7 +1681,8 @@ def run_benchmark(
     """
     work_dir = Path(work_dir).resolve()
     ir_dir, int8_dir = work_dir / "ir", work_dir / "ir-int8"
-    settings = {"steps": steps, "height": height, "width": width, "seed": seed, "guidance": guidance, "device": device}
+    settings = {"steps": steps, "height": height, "width": width, "seed": seed, "guidance": guidance, "device": device,
+                "int8_subset_size": int8_subset_size, "calibration_size": calibration_size}
     given_models = {"model": model, "controlnet_model": controlnet_model}
     steps_to_run = []
     if model is None:
@@ -1688,7 +1695,15 @@ def run_benchmark(
         models["controlnet_model"] = str(_resolve_model_dir(controlnet_model)) if controlnet_model else None
     steps_to_run += [
         {"name": "convert", "kind": "convert", **models, "ir_dir": str(ir_dir), "needs": ["build"]},
-        {"name": "compress", "kind": "compress", "ir_dir": str(ir_dir), "output_dir": str(int8_dir), "needs": ["convert"]},
+        {
+            "name": "compress",
+            "kind": "compress",
+            "ir_dir": str(ir_dir),
+            "output_dir": str(int8_dir),
+            "subset_size": int8_subset_size,
+            "calibration_size": calibration_size,
+            "needs": ["convert"],
+        },
         {"name": "pytorch-fp32", "kind": "pytorch", **models, **settings, "bf16": False, "needs": ["build"]},
         {"name": "pytorch-bf16", "kind": "pytorch", **models, **settings, "bf16": True, "needs": ["build"]},
     ]
@@ -1707,10 +1722,7 @@ def run_benchmark(
             if blocked:  # its cause was reported when it happened
                 outcomes[step["name"]] = {"skipped": outcomes[blocked[0]].get("skipped") or f"{blocked[0]} failed"}
                 continue
-            if step["kind"] == "compress" and _compress_pipeline() is None:
-                outcome = {"skipped": NO_COMPRESS_PIPELINE}
-            else:
-                outcome = _run_worker(step, work_dir / "results" / f"{step['name']}.json")
+            outcome = _run_worker(step, work_dir / "results" / f"{step['name']}.json")
             if not _succeeded(outcome):
                 status = "failed" if "error" in outcome else "skipped"
                 progress.write(f"{step['name']}: {status}: {outcome.get('error') or outcome['skipped']}")
@@ -1843,7 +1855,7 @@ def _measure_compression(config: dict) -> dict:
     output_dir = Path(config["output_dir"])
     shutil.rmtree(output_dir, ignore_errors=True)
     start = time.perf_counter()
-    _compress_pipeline()(config["ir_dir"], output_dir)
+    compress_pipeline(config["ir_dir"], output_dir, subset_size=config["subset_size"], calibration_size=config["calibration_size"])
     return {"compress_s": time.perf_counter() - start, "ir_sizes": ir_sizes(output_dir)}
 
 

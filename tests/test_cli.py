@@ -82,12 +82,16 @@ def test_convert_writes_a_loadable_ir_directory(tiny_dirs, ir_fp16, tmp_path, ca
     assert pipeline.has_controlnet
 
 
-@pytest.mark.skipif(hasattr(blip_helper, "compress_pipeline"), reason="compress_pipeline exists: --int8 works")
-def test_convert_int8_without_compress_pipeline_fails_before_converting(tiny_dirs, tmp_path, capsys):
-    status, out, err = run_main(capsys, "convert", "--model", tiny_dirs[0], "--output", tmp_path / "ir", "--int8")
-    assert status == 1
-    assert err == f"blip_helper.py convert: error: --int8: {blip_helper.NO_COMPRESS_PIPELINE}; convert without --int8\n"
-    assert not (tmp_path / "ir").exists()
+def test_convert_int8_writes_only_the_int8_ir(tiny_dirs, tmp_path, capsys):
+    output = tmp_path / "int8"
+    status, out, err = run_main(
+        capsys, "convert", "--model", tiny_dirs[0], "--controlnet-model", tiny_dirs[1], "--output", output,
+        "--int8", "--int8-subset-size", "4", "--calibration-size", "64",
+    )  # fmt: skip
+    assert status == 0, err
+    assert json.loads((output / "unet" / "config.json").read_text())["quantization"] == blip_helper.ACTIVATION_SCHEME
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # the FP16 IR it came from is gone
+    assert blip_helper.OVBlipDiffusionPipeline.from_pretrained(output).has_controlnet
 
 
 # ----------------------------------------------------------------------------------------- generate
@@ -165,6 +169,7 @@ def test_benchmark_quick_mode_on_tiny_pipelines(tmp_path):
     json_path = tmp_path / "results.json"
     process = run_script(
         "benchmark", "--spec", "tiny", "--steps", "2", "--height", "64", "--width", "64",
+        "--int8-subset-size", "4", "--calibration-size", "64",
         "--work-dir", tmp_path / "work", "--json", json_path,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
@@ -173,7 +178,7 @@ def test_benchmark_quick_mode_on_tiny_pipelines(tmp_path):
     assert results["failures"] == {}
     assert results["settings"] | {"model": None, "controlnet_model": None} == {
         "steps": 2, "height": 64, "width": 64, "seed": blip_helper.DEFAULT_SEED, "guidance": 7.5, "device": "CPU",
-        "model": None, "controlnet_model": None, "spec": "tiny",
+        "model": None, "controlnet_model": None, "spec": "tiny", "int8_subset_size": 4, "calibration_size": 64,
     }  # fmt: skip
     machine = results["machine"]
     assert machine["cpu"] and machine["logical_cores"] >= 1 and machine["ram_bytes"] > 0
@@ -186,10 +191,7 @@ def test_benchmark_quick_mode_on_tiny_pipelines(tmp_path):
     configurations = results["configurations"]
     assert list(configurations) == list(blip_helper.BENCHMARK_CONFIGURATIONS)
     measured = list(configurations)
-    if not hasattr(blip_helper, "compress_pipeline"):
-        assert configurations["openvino-int8"] == {"skipped": blip_helper.NO_COMPRESS_PIPELINE}
-        assert results["compression"] == {"skipped": blip_helper.NO_COMPRESS_PIPELINE}
-        measured.remove("openvino-int8")
+    assert results["compression"]["compress_s"] > 0
     for name in measured:
         row = configurations[name]
         for key in ("unet_step_s", "image_s", "controlnet_step_s", "controlnet_image_s"):
