@@ -1174,7 +1174,7 @@ __all__ += ["make_demo", "launch_demo", "sketch_to_scribble"]  # this section's 
 DEMO_SIZE_RANGE = (64, 1024)  # output height and width the demo accepts, in pixels (multiples of 8)
 DEMO_MAX_STEPS = 100
 DEMO_MAX_SEED = 2**32 - 1
-DEMO_DEFAULT_STEPS = 25  # as in diffusers' BLIP-Diffusion examples: half the time of 50, nearly as good
+DEMO_DEFAULT_STEPS = 25  # as in diffusers' BLIP-Diffusion examples: half the time of the pipeline's default 50
 DEMO_CONCURRENCY_ID = "blip_diffusion_pipeline"  # one queue slot for all tabs: the pipeline runs one call at a time
 
 # The demo's labels for the pipeline's arguments, so that its ValueErrors name what the user sees.
@@ -1328,6 +1328,11 @@ def _demo_tab(gr, pipe: OVBlipDiffusionPipeline, tab: str, example_files: dict[s
     image_input = {"type": "pil", "sources": ("upload", "clipboard")}
     with gr.Tab(tab_title, id=tab):
         gr.Markdown(explanation)
+        if control_label and not pipe.has_controlnet:
+            gr.Markdown(
+                "**This tab needs a ControlNet, and this IR directory has none**: convert one with "
+                "`convert_pipeline(pipe, ir_dir, controlnet_pipe=load_pipeline(..., controlnet=True))`."
+            )
         with gr.Row():
             with gr.Column():
                 # image_mode=None keeps transparency: the pipeline composites it on white.

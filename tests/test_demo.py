@@ -320,6 +320,20 @@ def test_keeps_serving_after_an_error(client, files):
     assert Image.open(image).size == (64, 64)
 
 
+def test_controlled_tabs_without_a_controlnet_say_how_to_get_one(ir_base_only, files):
+    pipe = blip_helper.OVBlipDiffusionPipeline.from_pretrained(ir_base_only)
+    demo = blip_helper.make_demo(pipe)
+    _, local_url, _ = blip_helper.launch_demo(demo, server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(local_url, verbose=False)
+        with pytest.raises(AppError, match="^Control image was given, but the IR directory .* has no ControlNet; convert one"):
+            _generate(client, files, "canny")
+        image, _ = _generate(client, files, "zero_shot")  # the rest works
+        assert Image.open(image).size == (64, 64)
+    finally:
+        demo.close()
+
+
 def test_two_users_at_once_both_get_their_image_one_after_the_other(served, files, recorder):
     users = [Client(served[1], verbose=False) for _ in range(2)]
     jobs = [
