@@ -1292,15 +1292,16 @@ def _read_upload(component, payload, label: str):
     return value
 
 
-def _example_files() -> dict[str, str]:
-    """The example images as files: Gradio examples take paths (written once per demo, no download)."""
+def _example_files(names=("cat", "coffee", "horse")) -> dict[str, str]:
+    """The example images the demo uses, as files: Gradio examples take paths (written once per demo, offline)."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="blip-diffusion-examples-"))
     paths = {}
     for name, image in example_images().items():
-        paths[name] = str(folder / f"{name}.png")
-        image.save(paths[name])
+        if name in names:
+            paths[name] = str(folder / f"{name}.png")
+            image.save(paths[name])
     return paths
 
 
