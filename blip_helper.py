@@ -1124,7 +1124,7 @@ def scribble_map(image: PIL.Image.Image, thickness: int = 0, detail: float = 0.0
 def example_images() -> dict[str, PIL.Image.Image]:
     """Pictures that ship inside scikit-image, so the tutorial runs offline.
 
-    ``cat`` (Chelsea), ``coffee`` (a cup of coffee), ``horse`` (a silhouette), ``astronaut`` and
+    ``cat`` (Chelsea), ``coffee`` (a cup of coffee), ``horse`` (a white silhouette), ``astronaut`` and
     ``rocket``: public-domain or CC0 images, see scikit-image's ``skimage/data/README.txt``.
     """
     from skimage import data
@@ -1132,7 +1132,7 @@ def example_images() -> dict[str, PIL.Image.Image]:
     return {
         "cat": PIL.Image.fromarray(data.chelsea()),
         "coffee": PIL.Image.fromarray(data.coffee()),
-        "horse": PIL.Image.fromarray(~data.horse()).convert("RGB"),  # black horse on white
+        "horse": PIL.Image.fromarray(~data.horse()).convert("RGB"),  # a white horse on black
         "astronaut": PIL.Image.fromarray(data.astronaut()),
         "rocket": PIL.Image.fromarray(data.rocket()),
     }
@@ -1356,6 +1356,364 @@ def compress_pipeline(
 # --------------------------------------------------------------------------------------------------
 # Gradio demo
 # --------------------------------------------------------------------------------------------------
+
+__all__ += ["make_demo", "launch_demo", "sketch_to_scribble"]  # this section's public names
+
+DEMO_SIZE_RANGE = (64, 1024)  # output height and width the demo accepts, in pixels (multiples of 8)
+DEMO_MAX_STEPS = 100
+DEMO_MAX_SEED = 2**32 - 1
+DEMO_DEFAULT_STEPS = 25  # as in diffusers' BLIP-Diffusion examples: half the time of the pipeline's default 50
+DEMO_CONCURRENCY_ID = "blip_diffusion_pipeline"  # one queue slot for all tabs: the pipeline runs one call at a time
+
+# The demo's labels for the pipeline's arguments, so that its ValueErrors name what the user sees.
+_DEMO_LABELS = {
+    "reference_image": "Reference image",
+    "conditioning_image": "Control image",
+    "source_subject_category": "Source category",
+    "target_subject_category": "Target category",
+    "guidance_scale": "Guidance scale",
+    "num_inference_steps": "Steps",
+    "neg_prompt": "Negative prompt",
+    "prompt": "Prompt",
+    "height": "Height",
+    "width": "Width",
+}
+
+# tab id: (tab title, explanation, label of the control input, label of the control map shown)
+_DEMO_TABS = {
+    "zero_shot": (
+        "Zero-shot",
+        "Draws the subject of the reference image in the scene the prompt describes. The source category "
+        "says what the reference image shows, the target category what to draw (usually the same).",
+        None,
+        None,
+    ),
+    "canny": (
+        "Canny edges",
+        "The result takes its shape from the edges of a second photo and its look from the subject of the "
+        "reference image.",
+        "Edge source: a photo whose edges shape the result",
+        "Edge map used",
+    ),
+    "scribble": (
+        "Scribble",
+        "The result follows a scribble: draw one on the canvas (pick the brush), or upload a photo or "
+        "silhouette and its outlines become the scribble. Strokes drawn over an upload replace its outlines.",
+        "Scribble: draw, or upload a photo or silhouette",
+        "Scribble used",
+    ),
+}
+
+
+def sketch_to_scribble(sketch: dict | None) -> PIL.Image.Image | None:
+    """The scribble control map (white strokes on black) from a ``gr.ImageEditor``/``gr.Sketchpad`` value.
+
+    Gradio 6 gives ``{"background", "layers", "composite"}`` (PIL images with ``type="pil"``): the strokes
+    are on the transparent ``layers`` whatever the brush colour, ``background`` is the white canvas or an
+    uploaded picture, ``composite`` flattens both (black strokes on white). Strokes are the scribble; with
+    none, an uploaded photo or silhouette becomes one through :func:`scribble_map`. ``None`` when there is
+    neither (nothing drawn, nothing uploaded).
+    """
+    if not sketch:
+        return None
+    layers = [layer.convert("RGBA") for layer in sketch.get("layers") or []]
+    if layers:
+        size = layers[0].size
+        # Anything painted, in any colour, has some opacity; the canvas shows through everywhere else.
+        strokes = np.any([np.asarray(layer.resize(size))[..., 3] > 0 for layer in layers], axis=0)
+        if strokes.any():
+            return PIL.Image.fromarray(np.where(strokes, 255, 0).astype(np.uint8)).convert("RGB")
+    picture = sketch.get("background")
+    if picture is None:
+        picture = sketch.get("composite")
+    if picture is None or np.ptp(np.asarray(to_rgb(picture))) == 0:
+        return None  # no upload, only the blank canvas
+    return scribble_map(picture)
+
+
+def _demo_error(message: str):
+    """A gr.Error for a user mistake: the pipeline's argument names replaced by the demo's labels."""
+    import re
+
+    import gradio as gr
+
+    names = re.compile(r"\b(" + "|".join(_DEMO_LABELS) + r")\b")
+    message = names.sub(lambda match: _DEMO_LABELS[match.group()], message)
+    # A user mistake, not a bug: no traceback in the server's log.
+    return gr.Error(message[:1].upper() + message[1:], print_exception=False)
+
+
+def _whole_number(value, label: str, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise _demo_error(f"{label} must be a whole number from {minimum} to {maximum}, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise _demo_error(f"{label} must be from {minimum} to {maximum}, got {int(value)}")
+    return int(value)
+
+
+def _read_upload(component, payload, label: str):
+    """Gradio's preprocessing of an image input, with an unreadable file reported as a gr.Error.
+
+    The demo's events run with ``preprocess=False`` and call this: when Gradio preprocesses, a broken
+    upload fails before the event's function and the user sees only "Error".
+    """
+    import gradio as gr
+
+    if payload is None:
+        return None
+    try:
+        value = component.preprocess(component.data_model.model_validate(payload))
+        if isinstance(value, PIL.Image.Image):
+            images = [value]
+        else:  # an ImageEditor's value
+            images = [value["background"], value["composite"], *value["layers"]]
+        for image in images:
+            if image is not None:
+                image.load()  # PIL reads lazily: a truncated file fails here, not in the pipeline
+    except gr.Error:
+        raise
+    except Exception as err:
+        raise _demo_error(
+            f"{label}: the uploaded file could not be read as an image ({type(err).__name__}); "
+            "upload a PNG, JPEG or WebP picture"
+        ) from err
+    return value
+
+
+def _example_files(names=("cat", "coffee", "horse")) -> dict[str, str]:
+    """The example images the demo uses, as files: Gradio examples take paths (written once per demo, offline)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="blip-diffusion-examples-"))
+    paths = {}
+    for name, image in example_images().items():
+        if name in names:
+            paths[name] = str(folder / f"{name}.png")
+            image.save(paths[name])
+    return paths
+
+
+def _demo_examples(tab: str, files: dict[str, str]) -> tuple[list[list], list[str]]:
+    """Rows of (reference image[, control image], prompt, source category, target category), and their labels."""
+    if tab == "zero_shot":
+        return [
+            [files["cat"], "swimming underwater", "cat", "cat"],
+            [files["coffee"], "on a beach at sunset", "cup", "cup"],
+        ], ["Chelsea the cat, swimming underwater", "The coffee cup on a beach"]
+    if tab == "canny":
+        return [[files["cat"], files["coffee"], "on a marble table", "cat", "cup"]], [
+            "A cup in the cat's look, shaped like the coffee cup"
+        ]
+    return [[files["coffee"], files["horse"], "in a meadow", "coffee", "horse"]], [
+        "A horse in the coffee's colours, following the silhouette's outline"
+    ]
+
+
+def _demo_tab(gr, pipe: OVBlipDiffusionPipeline, tab: str, example_files: dict[str, str]) -> None:
+    """One tab of the demo: its inputs, outputs, examples and the event that generates (API name: the tab id)."""
+    import random
+
+    tab_title, explanation, control_label, control_map_label = _DEMO_TABS[tab]
+    image_input = {"type": "pil", "sources": ("upload", "clipboard")}
+    with gr.Tab(tab_title, id=tab):
+        gr.Markdown(explanation)
+        if control_label and not pipe.has_controlnet:
+            gr.Markdown(
+                "**This tab needs a ControlNet, and this IR directory has none**: convert one with "
+                "`convert_pipeline(pipe, ir_dir, controlnet_pipe=load_pipeline(..., controlnet=True))`."
+            )
+        with gr.Row():
+            with gr.Column():
+                # image_mode=None keeps transparency: the pipeline composites it on white.
+                reference = gr.Image(
+                    label="Reference image: the subject", image_mode=None, elem_id=f"{tab}_reference", **image_input
+                )
+                if tab == "canny":
+                    control = gr.Image(label=control_label, image_mode=None, elem_id=f"{tab}_control", **image_input)
+                elif tab == "scribble":
+                    control = gr.ImageEditor(
+                        label=control_label,
+                        brush=gr.Brush(colors=["#000000"], color_mode="fixed"),
+                        layers=False,
+                        canvas_size=(512, 512),
+                        elem_id=f"{tab}_control",
+                        **image_input,
+                    )
+                else:
+                    control = gr.State(None)  # no control image (a State is not part of the API)
+                prompt = gr.Textbox(label="Prompt", placeholder="swimming underwater", elem_id=f"{tab}_prompt")
+                with gr.Row():
+                    source = gr.Textbox(
+                        label="Source category", placeholder="cat", info="what the reference shows", elem_id=f"{tab}_source"
+                    )
+                    target = gr.Textbox(
+                        label="Target category", placeholder="cat", info="what to draw", elem_id=f"{tab}_target"
+                    )
+                button = gr.Button("Generate", variant="primary", elem_id=f"{tab}_generate")
+                with gr.Accordion("Settings", open=False, elem_id=f"{tab}_settings"):
+                    guidance = gr.Slider(
+                        0,
+                        20,
+                        value=7.5,
+                        step=0.5,
+                        label="Guidance scale",
+                        info="how closely to follow the prompt; 1 or less turns guidance off (twice as fast)",
+                        elem_id=f"{tab}_guidance",
+                    )
+                    steps = gr.Slider(
+                        1,
+                        DEMO_MAX_STEPS,
+                        value=DEMO_DEFAULT_STEPS,
+                        step=1,
+                        label="Steps",
+                        info="denoising steps: more is slower and finer",
+                        elem_id=f"{tab}_steps",
+                    )
+                    with gr.Row():
+                        seed = gr.Number(
+                            88888,
+                            label="Seed",
+                            info="shows the seed of the last image when 'Random seed' is ticked",
+                            precision=0,
+                            minimum=0,
+                            maximum=DEMO_MAX_SEED,
+                            elem_id=f"{tab}_seed",
+                        )
+                        random_seed = gr.Checkbox(True, label="Random seed", elem_id=f"{tab}_random_seed")
+                    negative = gr.Textbox(
+                        DEFAULT_NEGATIVE_PROMPT, label="Negative prompt", lines=2, elem_id=f"{tab}_negative"
+                    )
+                    with gr.Row():
+                        height = gr.Slider(*DEMO_SIZE_RANGE, value=512, step=8, label="Height", elem_id=f"{tab}_height")
+                        width = gr.Slider(*DEMO_SIZE_RANGE, value=512, step=8, label="Width", elem_id=f"{tab}_width")
+            with gr.Column():
+                outputs = [gr.Image(label="Generated image", format="png", interactive=False, elem_id=f"{tab}_result")]
+                if control_map_label:  # PNG: the map stays exactly white on black
+                    outputs.append(
+                        gr.Image(label=control_map_label, format="png", interactive=False, elem_id=f"{tab}_control_map")
+                    )
+                outputs.append(seed)  # reports the seed used
+        examples, labels = _demo_examples(tab, example_files)
+        example_inputs = [reference, control, prompt, source, target] if control_map_label else [reference, prompt, source, target]
+        gr.Examples(examples, example_inputs, example_labels=labels, cache_examples=False)
+
+    # The parameter names are the API's: client.predict(reference_image=..., prompt=..., api_name="/zero_shot").
+    def generate(
+        reference_image,
+        control_image,
+        prompt,
+        source_category,
+        target_category,
+        guidance_scale,
+        steps,
+        seed,
+        random_seed,
+        negative_prompt,
+        height,
+        width,
+        progress=gr.Progress(track_tqdm=True),  # follows the pipeline's tqdm bar over the denoising steps
+    ):
+        subject = _read_upload(reference, reference_image, "Reference image")
+        if subject is None:
+            raise _demo_error("Reference image: upload a picture of the subject")
+        height = _whole_number(height, "Height", *DEMO_SIZE_RANGE)
+        width = _whole_number(width, "Width", *DEMO_SIZE_RANGE)
+        steps = _whole_number(steps, "Steps", 1, DEMO_MAX_STEPS)
+        seed = random.randint(0, DEMO_MAX_SEED) if random_seed else _whole_number(seed, "Seed", 0, DEMO_MAX_SEED)
+        control_map = None
+        if tab == "canny":
+            photo = _read_upload(control, control_image, "Edge source")
+            if photo is None:
+                raise _demo_error("Edge source: upload a photo whose edges should shape the result")
+            # Edges found at the output size are exactly what the ControlNet sees (a resized edge map blurs).
+            control_map = canny_map(to_rgb(photo).resize((width, height), PIL.Image.LANCZOS))
+        elif tab == "scribble":
+            control_map = sketch_to_scribble(_read_upload(control, control_image, "Scribble"))
+            if control_map is None:
+                raise _demo_error("Scribble: draw one on the canvas, or upload a photo or silhouette")
+            control_map = control_map.resize((width, height), PIL.Image.LANCZOS)
+        try:
+            image = pipe(
+                prompt,
+                subject,
+                source_category,
+                target_category,
+                conditioning_image=control_map,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                neg_prompt=negative_prompt,
+                generator=torch.Generator().manual_seed(seed),
+            ).images[0]
+        except ValueError as err:  # the pipeline's checks of its inputs
+            raise _demo_error(str(err)) from err
+        return (image, seed) if control_map is None else (image, control_map, seed)
+
+    gr.on(
+        [button.click, prompt.submit],
+        generate,
+        inputs=[reference, control, prompt, source, target, guidance, steps, seed, random_seed, negative, height, width],
+        outputs=outputs,
+        api_name=tab,
+        preprocess=False,  # images go through _read_upload, which reports a broken upload
+        concurrency_limit=1,
+        concurrency_id=DEMO_CONCURRENCY_ID,
+    )
+
+
+def make_demo(pipe: OVBlipDiffusionPipeline, title: str = "BLIP-Diffusion on OpenVINO"):
+    """A Gradio app around ``pipe`` with a tab per task: zero-shot, Canny-edge and scribble controlled generation.
+
+    Each tab takes a prompt, a reference image of the subject, its source and target categories, and
+    the generation settings (guidance scale, steps, seed or a random one, negative prompt, output size);
+    it shows the image, the seed used and, for the controlled tabs, the control map used. Requests wait
+    in a queue and run one at a time (the pipeline is not thread-safe), with a progress bar over the
+    denoising steps. Clients can call the API endpoints ``/zero_shot``, ``/canny`` and ``/scribble``.
+
+    Returns a ``gr.Blocks`` with the queue enabled: start it with :func:`launch_demo`.
+    """
+    import gradio as gr
+
+    example_files = _example_files()
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {title}\n"
+            "Show it a subject (your dog, a kettle, a cat) and describe a scene: it draws *that* subject there. "
+            f"Running on OpenVINO ({pipe.device})."
+        )
+        for tab in _DEMO_TABS:
+            _demo_tab(gr, pipe, tab, example_files)
+    return demo.queue(max_size=32)
+
+
+def launch_demo(
+    demo,
+    server_name: str = "127.0.0.1",
+    server_port: int | None = None,
+    share: bool = False,
+    prevent_thread_lock: bool | None = None,
+    **launch_kwargs,
+):
+    """Start a demo from :func:`make_demo` and return ``(app, local_url, share_url)``.
+
+    Defaults keep it private: it listens on this machine only (``server_name="0.0.0.0"`` opens it to
+    the network) and makes no public share link (``share=True`` asks for one, through gradio.live). In
+    Jupyter it is shown inline and the cell returns at once, the server running until the kernel stops
+    or ``demo.close()``; in a script it blocks until interrupted. Other arguments go to
+    ``gr.Blocks.launch`` (``server_port`` defaults to the first free port from 7860).
+    """
+    from gradio.utils import ipython_check
+
+    if prevent_thread_lock is None:
+        prevent_thread_lock = ipython_check()  # blocking only where nothing else would keep the process alive
+    return demo.launch(
+        server_name=server_name,
+        server_port=server_port,
+        share=share,
+        prevent_thread_lock=prevent_thread_lock,
+        **launch_kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

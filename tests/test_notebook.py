@@ -25,6 +25,7 @@ SECTIONS = [
     "Select the inference device",
     "Run the OpenVINO pipeline",
     "Compare PyTorch and OpenVINO",
+    "Compress the pipeline with NNCF",
     "Interactive demo",
 ]
 MAX_CODE_LINES = 12
