@@ -744,6 +744,18 @@ def _text_list(value, name: str, batch_size: int | None) -> list[str]:
     return list(texts)
 
 
+def _check_image_side(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % 8:
+        raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+
+
+def _check_guidance_scale(guidance_scale) -> None:
+    if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
+        raise ValueError(
+            f"guidance_scale must be a number >= 0 (<= 1 disables classifier-free guidance), got {guidance_scale!r}"
+        )
+
+
 class OVBlipDiffusionPipeline:
     """BLIP-Diffusion (zero-shot subject-driven generation, optionally ControlNet-guided) on OpenVINO.
 
@@ -838,7 +850,9 @@ class OVBlipDiffusionPipeline:
 
         Handy to keep compilation out of timings; with the model cache it takes seconds.
         """
-        self.check_inputs("", PIL.Image.new("RGB", (8, 8)), "x", "x", None, None, guidance_scale, height, width, 1, None, "", 1.0, 1, "np")
+        _check_image_side("height", height)
+        _check_image_side("width", width)
+        _check_guidance_scale(guidance_scale)
         model_batch = batch_size * (2 if guidance_scale > 1 else 1)
         shapes = self._denoiser_shapes(model_batch, height, width)
         self.qformer.compile()
@@ -899,16 +913,11 @@ class OVBlipDiffusionPipeline:
                 raise ValueError(
                     f"conditioning_image: give one image or one per prompt ({batch_size}), got {len(conditions)}"
                 )
-        step = 8
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % step:
-                raise ValueError(f"{name} must be a positive multiple of {step}, got {value!r}")
+        _check_image_side("height", height)
+        _check_image_side("width", width)
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"guidance_scale must be a number >= 0 (<= 1 disables classifier-free guidance), got {guidance_scale!r}"
-            )
+        _check_guidance_scale(guidance_scale)
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if not isinstance(neg_prompt, str):
@@ -1329,8 +1338,7 @@ def compress_pipeline(
         raise ValueError("output_dir must differ from ir_dir: the INT8 pipeline is written beside the FP one")
     if not isinstance(subset_size, int) or subset_size < 1:
         raise ValueError(f"subset_size must be an integer >= 1, got {subset_size!r}")
-    if not isinstance(calibration_size, int) or calibration_size <= 0 or calibration_size % 8:
-        raise ValueError(f"calibration_size must be a positive multiple of 8, got {calibration_size!r}")
+    _check_image_side("calibration_size", calibration_size)
     if calibration is not None and (isinstance(calibration, dict) or not all(isinstance(c, dict) for c in calibration)):
         raise ValueError("calibration must be a list of dicts of pipeline arguments (prompt, reference_image, ...)")
     output_dir.mkdir(parents=True, exist_ok=True)
