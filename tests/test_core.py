@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -83,6 +85,15 @@ def test_load_pipeline_controlnet_requires_a_controlnet(tiny_dirs):
 
 
 # ------------------------------------------------------------------------------- per-part parity
+
+
+def test_load_pipeline_uses_given_components_instead_of_loading_them(tiny_dirs, pipe, controlnet_pipe):
+    shared = blip_helper.shared_components(pipe)
+    lean = blip_helper.load_pipeline(tiny_dirs[1], controlnet=True, **shared)
+    assert all(getattr(lean, name) is module for name, module in shared.items())
+    assert blip_helper._same_weights(lean.controlnet, controlnet_pipe.controlnet)
+    with pytest.raises(ValueError, match=r"unknown components \['unett'\]"):
+        blip_helper.load_pipeline(tiny_dirs[0], unett=pipe.unet)
 
 
 def test_qformer_parity(pipe, ov_pipe):
@@ -398,3 +409,80 @@ def test_static_shapes_compile_once_per_size(ov_pipe):
     assert ov_pipe.unet._request is not requests["unet"]  # a new size: compiled for it
     assert ov_pipe.unet._compiled_shapes["sample"] == (2, 4, 5, 4)
     assert ov_pipe.text_encoder._request is requests["text_encoder"]  # dynamic shapes: compiled once
+
+
+# -- memory: the mapped IR is handed back once the compiled models hold their own weights --------
+
+
+def _resident_bytes_under(directory) -> int:
+    """Resident bytes of this process's mappings of files under ``directory`` (from /proc/self/smaps)."""
+    root, resident, inside = str(Path(directory).resolve()) + os.sep, 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5].startswith(root)
+            elif inside and fields[0] == "Rss:":
+                resident += int(fields[1]) * 1024
+    return resident
+
+
+def _mapped_file(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())  # clean pages: the kernel may reclaim them without writing back
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    assert sum(mapping[i] for i in range(0, len(data), 4096)) >= 0  # touch every page
+    return mapping
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc/self/smaps are Linux's")
+def test_release_mapped_files_drops_resident_pages_and_keeps_the_data(tmp_path):
+    size = 8 * 2**20
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    inside = _mapped_file(tmp_path / "ir" / "part" / "openvino_model.bin", data)
+    outside = _mapped_file(tmp_path / "elsewhere" / "weights.bin", data)
+    assert _resident_bytes_under(tmp_path / "ir") >= size
+    assert blip_helper.release_mapped_files([tmp_path / "ir"]) >= size
+    assert _resident_bytes_under(tmp_path / "ir") < size // 8
+    assert _resident_bytes_under(tmp_path / "elsewhere") >= size  # only the directories named
+    assert inside[:] == data and outside[:] == data  # read back from the file when touched again
+    inside.close()
+    outside.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc/self/smaps are Linux's")
+def test_compiled_parts_hand_back_their_mapped_ir_and_images_do_not_change(ir_fp16, tmp_path, monkeypatch):
+    def run(release: bool):
+        ir_dir = shutil.copytree(ir_fp16, tmp_path / f"ir-{release}")  # files no other test's pipeline has mapped
+        os.sync()  # written back: the kernel reclaims clean pages only
+        if not release:  # the control: without the release, the IR's pages stay resident
+            monkeypatch.setattr(blip_helper, "release_mapped_files", lambda directories: 0)
+        pipe = OVBlipDiffusionPipeline.from_pretrained(ir_dir)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.compile(height=32, width=32)
+        static = {name: _resident_bytes_under(ir_dir / name) / (ir_dir / name / "openvino_model.bin").stat().st_size
+                  for name in ("unet", "controlnet", "vae_decoder")}
+        image = _generate(pipe, conditioning_image=random_image(5), height=32, width=32)
+        monkeypatch.undo()
+        return static, image
+
+    released, image = run(release=True)
+    kept, control_image = run(release=False)
+    assert all(fraction < 0.05 for fraction in released.values()), released
+    assert all(fraction > 0.5 for fraction in kept.values()), kept
+    np.testing.assert_array_equal(image, control_image)
+
+
+def test_model_cache_off_on_the_cpu_on_elsewhere_and_when_asked(ir_fp16, tmp_path):
+    assert OVBlipDiffusionPipeline.default_ov_config(ir_fp16, "CPU") == {}
+    for device in ("GPU", "GPU.1", "AUTO", "NPU"):
+        assert OVBlipDiffusionPipeline.default_ov_config(ir_fp16, device) == {"CACHE_DIR": str(ir_fp16 / "model_cache")}
+    assert "CACHE_DIR" not in OVBlipDiffusionPipeline.from_pretrained(ir_fp16).ov_config
+    cached = OVBlipDiffusionPipeline.from_pretrained(ir_fp16, ov_config={"CACHE_DIR": str(tmp_path / "cache")})
+    cached.compile(height=32, width=32)
+    assert len(list((tmp_path / "cache").glob("*.blob"))) == 5  # one compiled model per part
+    assert not (ir_fp16 / "model_cache").exists()
