@@ -63,6 +63,8 @@ def test_int8_pipeline_generates_close_to_fp(ir_int8, ir_fp16):
     images = {}
     for name, ir_dir in (("fp", ir_fp16), ("int8", ir_int8)):
         pipe = OVBlipDiffusionPipeline.from_pretrained(ir_dir)
+        # On the CPU the model cache pays for INT8 only (see default_ov_config).
+        assert pipe.ov_config.get("CACHE_DIR") == (str(ir_dir / "model_cache") if name == "int8" else None)
         pipe.set_progress_bar_config(disable=True)
         images[name] = [
             pipe("swimming underwater", random_image(0), "dog", "dog", height=64, width=48, num_inference_steps=3,

@@ -479,6 +479,7 @@ def test_compiled_parts_hand_back_their_mapped_ir_and_images_do_not_change(ir_fp
 
 def test_model_cache_off_on_the_cpu_on_elsewhere_and_when_asked(ir_fp16, tmp_path):
     assert OVBlipDiffusionPipeline.default_ov_config(ir_fp16, "CPU") == {}
+    assert OVBlipDiffusionPipeline.default_ov_config(ir_fp16, "CPU", quantized=True) == {"CACHE_DIR": str(ir_fp16 / "model_cache")}
     for device in ("GPU", "GPU.1", "AUTO", "NPU"):
         assert OVBlipDiffusionPipeline.default_ov_config(ir_fp16, device) == {"CACHE_DIR": str(ir_fp16 / "model_cache")}
     assert "CACHE_DIR" not in OVBlipDiffusionPipeline.from_pretrained(ir_fp16).ov_config
