@@ -873,10 +873,10 @@ class OVBlipDiffusionPipeline:
 
         That is every device but the CPU (a GPU compiles these models for minutes) and, on the CPU,
         INT8 pipelines only. Measured on the full-size pipeline (512x512, 2-core AMD EPYC): the CPU
-        compiles the FP16 pipeline from the IR in about 4.5 s, no slower than from the cache (4.9 s,
-        up to 10 s in other runs), which also raised the peak memory from 5.1 to 5.7 GB and takes
-        3.6 GB of disk. INT8 takes 10.8 s to compile (low-precision transformations) and 8.3 s
-        from the cache, at a lower peak (3.5 against 3.7 GB).
+        compiles the FP16 pipeline from the IR in 4 to 4.5 s, faster than from the cache (4.9 to
+        6.8 s, up to 10 s in other runs), which also raised the peak memory from 5.1 to 5.7 GB and
+        takes 3.6 GB of disk. INT8 takes 10.8 s to compile (low-precision transformations) and 6.5
+        to 8.3 s from the cache, at a lower peak (3.5 against 3.7 GB).
         """
         if device.split(":")[0].split(".")[0].upper() == "CPU" and not quantized:
             return {}
