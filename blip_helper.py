@@ -562,7 +562,7 @@ def shared_components(pipe) -> dict:
 
     :func:`convert_pipeline` takes only the ControlNet from the ControlNet pipeline (one UNet IR serves
     both kinds of generation), so a ControlNet pipeline loaded this way converts to the same IR while
-    holding one copy of the rest: 6 GB less memory for the published models.
+    holding one copy of the rest: 6 GB (5.8 GiB) of FP32 weights less for the published models.
     """
     return {name: getattr(pipe, name) for name in ("qformer", "text_encoder", "unet", "vae")}
 
@@ -874,9 +874,9 @@ class OVBlipDiffusionPipeline:
         That is every device but the CPU (a GPU compiles these models for minutes) and, on the CPU,
         INT8 pipelines only. Measured on the full-size pipeline (512x512, 2-core AMD EPYC): the CPU
         compiles the FP16 pipeline from the IR in 4 to 4.5 s, faster than from the cache (4.9 to
-        6.8 s, up to 10 s in other runs), which also raised the peak memory from 5.1 to 5.7 GB and
-        takes 3.6 GB of disk. INT8 takes 10.8 s to compile (low-precision transformations) and 6.5
-        to 8.3 s from the cache, at a lower peak (3.5 against 3.7 GB).
+        6.8 s, up to 10 s in other runs), which also raised the peak memory from 5.0 to 5.5 GiB and
+        takes 3.5 GiB of disk. INT8 takes 10.8 s to compile (low-precision transformations) and 6.5
+        to 8.3 s from the cache, at a lower peak (3.4 against 3.6 GiB).
         """
         if device.split(":")[0].split(".")[0].upper() == "CPU" and not quantized:
             return {}
